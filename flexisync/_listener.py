@@ -1,0 +1,351 @@
+"""One pub/sub connection and one daemon thread per Coordinator, shared by everything.
+
+Events subscriptions, lock wake-ups and breaker mirrors all register handlers here, so a
+process holds one listener socket however many primitives it uses.
+
+Guarantees:
+
+* :meth:`Listener.subscribe` returns only once Redis has confirmed the subscription on
+  the live connection, so a PUBLISH made after it returns is delivered.
+* The supervisor loop never dies silently: any error is logged, then it reconnects with
+  capped, jittered backoff until :meth:`Listener.close`, resubscribes every channel and
+  pattern, and only then runs the reconnect hooks (so a hook that re-reads state cannot
+  miss a message published in between).
+* A PING with a deadline is sent when the socket has been idle, so a half-open socket
+  (server paused, network gone) is detected within ``ping_interval + ping_timeout``.
+* After ``fork()`` the child drops the inherited socket without touching it (the parent
+  keeps using it), keeps the registrations, and starts its own thread.
+
+Handlers run on the listener thread: they must be quick and must not block (hand work
+to another thread). A raising handler is logged and counted; it never stops delivery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.exceptions as rexc
+
+from flexisync._connection import Backend
+from flexisync._log import get_logger
+from flexisync.errors import BackendUnavailable
+
+__all__ = ["Handler", "Listener", "Registration"]
+
+# handler(channel, data, pattern): pattern is None for a plain channel subscription.
+Handler = Callable[[str, bytes, "str | None"], None]
+_Key = tuple[str, str]  # ("channel" | "pattern", name)
+
+
+class Registration:
+    """A handler's place in the listener; :meth:`close` removes it (idempotent)."""
+
+    __slots__ = ("_closed", "_handler", "_key", "_listener")
+
+    def __init__(self, listener: Listener, key: _Key, handler: Handler) -> None:
+        self._listener = listener
+        self._key = key
+        self._handler = handler
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop delivering to this handler; unsubscribes when it was the last one."""
+        if not self._closed:
+            self._closed = True
+            self._listener._remove(self._key, self._handler)
+
+
+class Listener:
+    """The Coordinator's pub/sub listener. Internal; see the module docstring."""
+
+    def __init__(self, backend: Backend, *, name: str = "flexisync-listener",
+                 ping_interval: float = 2.0, ping_timeout: float = 2.0,
+                 poll: float = 0.25, backoff_max: float = 2.0) -> None:
+        self._backend = backend
+        self._name = name
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._poll = poll
+        self._backoff_max = backoff_max
+        self._log = get_logger("events", address=backend.address)
+        self._handlers: dict[_Key, list[Handler]] = {}
+        self._hooks: list[Callable[[], None]] = []
+        self.reconnects = 0
+        self.handler_errors = 0
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        self._cond = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._conn: Any = None
+        self._gen = 0
+        self._sent: dict[_Key, tuple[int, int]] = {}
+        self._acked: dict[_Key, tuple[int, int]] = {}
+        self._hooks_due = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # --- public (internal API) -----------------------------------------------------
+
+    def subscribe(self, channel: str, handler: Handler, *, timeout: float | None = None,
+                  ) -> Registration:
+        """Deliver messages on ``channel`` to ``handler``; returns once Redis confirmed."""
+        return self._add(("channel", channel), handler, timeout)
+
+    def psubscribe(self, pattern: str, handler: Handler, *, timeout: float | None = None,
+                   ) -> Registration:
+        """Deliver messages on channels matching the glob ``pattern`` to ``handler``."""
+        return self._add(("pattern", pattern), handler, timeout)
+
+    def add_reconnect_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook()`` on the listener thread after every reconnect + resubscribe.
+
+        Returns a function that removes the hook.
+        """
+        with self._cond:
+            self._hooks.append(hook)
+
+        def remove() -> None:
+            with self._cond:
+                if hook in self._hooks:
+                    self._hooks.remove(hook)
+
+        return remove
+
+    @property
+    def connected(self) -> bool:
+        """True while the listener holds a live, subscribed connection."""
+        return self._conn is not None
+
+    @property
+    def generation(self) -> int:
+        """Connections made so far; grows by one on every reconnect."""
+        return self._gen
+
+    def close(self) -> None:
+        """Stop the thread and close the socket. Registrations are dropped."""
+        with self._cond:
+            self._closed = True
+            self._stop.set()
+            conn, self._conn = self._conn, None
+            self._handlers.clear()
+            self._cond.notify_all()
+        if conn is not None:
+            _disconnect(conn)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's socket and thread, keep registrations."""
+        handlers, hooks = self._handlers, self._hooks
+        closed = self._closed
+        self._reset_runtime()  # new Condition: the parent's may have been held at fork
+        self._handlers, self._hooks, self._closed = handlers, hooks, closed
+        if self._handlers and not closed:
+            self._ensure_thread()
+
+    # --- registration ------------------------------------------------------------
+
+    def _add(self, key: _Key, handler: Handler, timeout: float | None) -> Registration:
+        deadline = time.monotonic() + (timeout if timeout is not None
+                                       else self._backend.retry.deadline + 2.0)
+        with self._cond:
+            if self._closed:
+                raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
+            handlers = self._handlers.setdefault(key, [])
+            handlers.append(handler)
+            if len(handlers) == 1 and self._conn is not None:
+                self._send_subscribe(self._conn, [key])
+            self._ensure_thread()
+            registration = Registration(self, key, handler)
+            while not self._is_confirmed(key):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    self._remove_locked(key, handler)
+                    raise BackendUnavailable(
+                        self._backend.address, elapsed=timeout or 0.0,
+                        reason=f"subscription to {key[1]!r} was not confirmed in time",
+                    )
+                self._cond.wait(remaining)
+            return registration
+
+    def _is_confirmed(self, key: _Key) -> bool:
+        sent = self._sent.get(key)
+        acked = self._acked.get(key)
+        return (self._conn is not None and sent is not None and acked is not None
+                and sent[0] == self._gen and acked >= sent)
+
+    def _remove(self, key: _Key, handler: Handler) -> None:
+        with self._cond:
+            self._remove_locked(key, handler)
+
+    def _remove_locked(self, key: _Key, handler: Handler) -> None:
+        handlers = self._handlers.get(key)
+        if not handlers or handler not in handlers:
+            return
+        handlers.remove(handler)
+        if handlers:
+            return
+        del self._handlers[key]
+        conn = self._conn
+        if conn is not None:
+            command = "UNSUBSCRIBE" if key[0] == "channel" else "PUNSUBSCRIBE"
+            self._send(conn, command, key[1])
+
+    def _send_subscribe(self, conn: Any, keys: list[_Key]) -> None:
+        """Send (P)SUBSCRIBE for ``keys``; caller holds ``_cond``."""
+        for kind, command in (("channel", "SUBSCRIBE"), ("pattern", "PSUBSCRIBE")):
+            names = [k[1] for k in keys if k[0] == kind]
+            if not names:
+                continue
+            for name in names:
+                gen, count = self._sent.get((kind, name), (self._gen, 0))
+                self._sent[(kind, name)] = (self._gen, count + 1 if gen == self._gen else 1)
+            self._send(conn, command, *names)
+
+    def _send(self, conn: Any, *args: str) -> None:
+        try:
+            with self._write_lock:
+                conn.send_command(*args, check_health=False)
+        except (rexc.RedisError, OSError):
+            # The reader notices the broken socket and reconnects; the reconnect
+            # resubscribes everything registered, so nothing is lost here.
+            pass
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    # --- the supervisor loop -----------------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        outage_logged = False
+        while not self._stop.is_set():
+            try:
+                conn = self._connect()
+                if outage_logged:
+                    self._log.info("events.reconnected", attempts=failures)
+                failures = 0
+                outage_logged = False
+                self._serve(conn)
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                with self._cond:
+                    conn, self._conn = self._conn, None
+                    self._cond.notify_all()
+                if conn is not None:
+                    _disconnect(conn)
+                failures += 1
+                if not outage_logged:
+                    self._log.warning("events.disconnected", error=f"{type(exc).__name__}: {exc}")
+                    outage_logged = True
+                delay = min(self._backoff_max, 0.05 * 2 ** min(failures - 1, 10))
+                self._stop.wait(random.uniform(delay / 2, delay))
+
+    def _connect(self) -> Any:
+        conn = _make_connection(self._backend.client)
+        conn.connect()
+        with self._cond:
+            if self._stop.is_set():
+                _disconnect(conn)
+                return conn
+            self._gen += 1
+            if self._gen > 1:
+                self.reconnects += 1
+            self._conn = conn
+            self._acked.clear()
+            self._send_subscribe(conn, list(self._handlers))
+            self._hooks_due = self._gen > 1
+            self._cond.notify_all()
+        return conn
+
+    def _serve(self, conn: Any) -> None:
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        self._maybe_run_hooks()
+        while not self._stop.is_set():
+            if conn.can_read(timeout=self._poll):
+                reply = conn.read_response(disconnect_on_error=False)
+                last_heard = time.monotonic()
+                ping_sent = None
+                self._dispatch(reply)
+                continue
+            now = time.monotonic()
+            if ping_sent is not None:
+                if now - ping_sent > self.ping_timeout:
+                    raise TimeoutError(f"no PONG within {self.ping_timeout}s (half-open socket?)")
+            elif now - last_heard >= self.ping_interval:
+                self._send(conn, "PING")
+                ping_sent = now
+
+    def _dispatch(self, reply: Any) -> None:
+        if not isinstance(reply, list) or not reply:
+            return
+        kind = _text(reply[0])
+        if kind == "message":
+            self._deliver(("channel", _text(reply[1])), _text(reply[1]), reply[2], None)
+        elif kind == "pmessage":
+            pattern = _text(reply[1])
+            self._deliver(("pattern", pattern), _text(reply[2]), reply[3], pattern)
+        elif kind in ("subscribe", "psubscribe"):
+            key: _Key = ("channel" if kind == "subscribe" else "pattern", _text(reply[1]))
+            with self._cond:
+                gen, count = self._acked.get(key, (self._gen, 0))
+                self._acked[key] = (self._gen, count + 1 if gen == self._gen else 1)
+                self._cond.notify_all()
+            self._maybe_run_hooks()
+
+    def _deliver(self, key: _Key, channel: str, data: Any, pattern: str | None) -> None:
+        handlers = self._handlers.get(key)
+        if not handlers:
+            return
+        payload = data if isinstance(data, bytes) else str(data).encode()
+        for handler in tuple(handlers):
+            try:
+                handler(channel, payload, pattern)
+            except Exception:
+                self.handler_errors += 1
+                self._log.exception("events.handler_failed", channel=channel)
+
+    def _maybe_run_hooks(self) -> None:
+        with self._cond:
+            if not self._hooks_due or not all(self._is_confirmed(k) for k in self._handlers):
+                return
+            self._hooks_due = False
+            hooks = list(self._hooks)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                self._log.exception("events.reconnect_hook_failed")
+
+
+def _make_connection(client: Any) -> Any:
+    """A fresh connection outside the pool, set up for pub/sub reading."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["decode_responses"] = False
+    kwargs["health_check_interval"] = 0
+    kwargs["protocol"] = 2  # RESP2: confirmations and messages come back as replies
+    kwargs["socket_timeout"] = 10.0  # reads only follow can_read(); this bounds a stall
+    return pool.connection_class(**kwargs)
+
+
+def _disconnect(conn: Any) -> None:
+    with contextlib.suppress(rexc.RedisError, OSError):
+        conn.disconnect()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

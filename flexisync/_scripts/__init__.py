@@ -1,0 +1,1 @@
+"""Lua scripts, one file per operation; loaded with importlib.resources."""

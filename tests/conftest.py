@@ -1,0 +1,56 @@
+"""Fixtures shared by the whole suite.
+
+The Redis comes from flexisync's own pytest plugin (``flexisync.testing``): see its
+docstring for how ``FLEXISYNC_TEST_URL`` picks it. Every test works under a namespace of
+its own and deletes only that namespace's keys.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+import flexisync
+from flexisync.embedded import EmbeddedRedis, start
+from flexisync.testing import delete_namespace, unique_namespace
+
+
+@pytest.fixture
+def namespace(flexisync_url: str, raw: redis.Redis) -> Iterator[str]:
+    """A fresh namespace; every key under it is deleted after the test."""
+    ns = unique_namespace()
+    yield ns
+    delete_namespace(raw, ns)
+
+
+@pytest.fixture
+def sync(flexisync_url: str, namespace: str) -> Iterator[flexisync.Coordinator]:
+    """A Coordinator on the test Redis under the test's namespace."""
+    with flexisync.connect(flexisync_url, namespace=namespace) as coordinator:
+        yield coordinator
+
+
+@pytest.fixture
+def raw(flexisync_url: str) -> Iterator[redis.Redis]:
+    """A plain redis-py client on the test Redis, for assertions behind flexisync's back."""
+    client = redis.Redis.from_url(flexisync_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_server() -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test's own, for fault injection (kill, pause, restart)."""
+    server = start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def mp(request: pytest.FixtureRequest) -> Any:
+    """A multiprocessing context, once with fork and once with spawn."""
+    return multiprocessing.get_context(request.param)
