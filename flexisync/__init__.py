@@ -13,6 +13,7 @@ Importing flexisync opens no connection and starts no thread.
 from __future__ import annotations
 
 from flexisync._connection import RetryPolicy
+from flexisync.breaker import BreakerInfo, BreakerPolicy, BreakerStats, CircuitBreaker
 from flexisync.coordinator import Coordinator, connect
 from flexisync.errors import (
     BackendError,
@@ -27,7 +28,10 @@ from flexisync.errors import (
     LockNotOwnedError,
     LockTimeout,
 )
+from flexisync.events import Event, EventBus, Subscription, SubscriptionStats
+from flexisync.locks import Lock, LockInfo
 from flexisync.state import StateStore
+from flexisync.streams import Stream
 
 __version__ = "0.1.0.dev0"
 
@@ -37,7 +41,18 @@ __all__ = [
     "RetryPolicy",
     "connect",
     # primitives
+    "BreakerInfo",
+    "BreakerPolicy",
+    "BreakerStats",
+    "CircuitBreaker",
+    "Event",
+    "EventBus",
+    "Lock",
+    "LockInfo",
     "StateStore",
+    "Stream",
+    "Subscription",
+    "SubscriptionStats",
     # errors
     "BackendError",
     "BackendUnavailable",

@@ -4,13 +4,17 @@ Layout (``ns`` is the Coordinator's namespace, ``{name}`` is a Redis Cluster has
 that every key of one object lands in one slot and its Lua scripts may touch them all)::
 
     ns:state:{scope}:key          one StateStore value
-    ns:lock:{name}                 a lock's lease (value = owner token)
+    ns:lock:{name}                 a lock's lease (value = owner token "random:host:pid")
     ns:lock:{name}:fence           the lock's fencing counter (never expires)
-    ns:lock:{name}:queue           fair-mode waiter queue (ZSET) and ...:queue:ttl
+    ns:lock:{name}:queue           fair-mode waiter queue (ZSET token -> arrival, us)
+    ns:lock:{name}:queue:ttl       fair-mode waiter expiries (ZSET token -> server ms)
+    ns:lock:name                   wake-up channel PUBLISHed by a lock's release
     ns:events:topic                pub/sub channel of a topic (a channel, not a key)
     ns:stream:{name}               a Stream (XADD log)
-    ns:breaker:{name}              a breaker's shared state (HASH), ...:window, ...:probes
-    ns:breaker:{name}:chan         channel on which a breaker's transitions are published
+    ns:breaker:{name}              a breaker's shared state (HASH: state, version, epoch...)
+    ns:breaker:{name}:window       its failure-rate window (HASH of per-bucket counts)
+    ns:breaker:{name}:probes       its half-open probe leases (ZSET token -> expiry ms)
+    ns:breaker:name                channel on which a breaker's transitions are published
 """
 
 from __future__ import annotations

@@ -1,0 +1,145 @@
+"""Serve a flexisync Stream to browsers over Server-Sent Events (Starlette + uvicorn).
+
+Run it, then open http://127.0.0.1:8000/ in a browser::
+
+    python examples/sse_server.py                 # FLEXISYNC_URL, else a throwaway redis-server
+    python examples/sse_server.py --port 8001 --stream jobs:42 --produce 0.5
+
+Endpoints:
+
+``GET /``           the demo page (``sse_page.html``): shows the events live with EventSource
+``GET /events``     ``text/event-stream`` of the stream. Resumes right after the standard
+                    ``Last-Event-ID`` header (sent by ``EventSource`` when it reconnects) or
+                    ``?last_event_id=``; ``?until=TYPE`` ends the response after an event of
+                    that type (e.g. a job's ``done``)
+``POST /publish``   append the JSON body as an event; ``?type=TYPE``; answers ``{"id": ...}``
+``GET /health``     ``{"ok": true}`` once the server is up
+
+Run as many server processes as you like (under gunicorn with uvicorn workers, or
+several pods): the stream lives in Redis, so every process serves the same events and a
+browser that reconnects to another process resumes without loss or duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import flexisync
+from flexisync.sse import event_stream
+
+PAGE = pathlib.Path(__file__).with_name("sse_page.html")
+
+
+def build_app(sync: flexisync.Coordinator, stream_name: str, *,
+              heartbeat: float = 15.0) -> Starlette:
+    """The Starlette app serving ``stream_name`` of ``sync``."""
+    stream = sync.stream(stream_name, maxlen=10_000)
+
+    def frames(last_event_id: str | None, until: str | None) -> Iterator[str]:
+        stop = (lambda event: event.type == until) if until else None
+        after = last_event_id
+        while True:
+            try:
+                yield from event_stream(stream, after, heartbeat=heartbeat, until=stop)
+                return
+            except flexisync.EventsTrimmed as exc:
+                # The client was away longer than the stream retains: say so, and go on
+                # from the oldest event still there.
+                yield f"event: trimmed\ndata: {json.dumps({'oldest': exc.oldest})}\n\n"
+                after = None
+
+    async def events(request: Request) -> Response:
+        last_event_id = (request.headers.get("last-event-id")
+                         or request.query_params.get("last_event_id") or None)
+        try:
+            event_stream(stream, last_event_id, heartbeat=heartbeat).close()  # validate
+        except flexisync.ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        # A sync generator: Starlette iterates it in its thread pool.
+        return StreamingResponse(
+            frames(last_event_id, request.query_params.get("until")),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def publish(request: Request) -> Response:
+        try:
+            data: Any = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        try:
+            event_id = stream.append(data, type=request.query_params.get("type", "message"))
+        except flexisync.ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"id": event_id})
+
+    async def page(_request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text("utf-8"))
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    return Starlette(routes=[
+        Route("/", page),
+        Route("/events", events),
+        Route("/publish", publish, methods=["POST"]),
+        Route("/health", health),
+    ])
+
+
+def produce(sync: flexisync.Coordinator, stream_name: str, every: float,
+            stop: threading.Event) -> None:
+    """Append a ``tick`` event every ``every`` seconds until ``stop`` is set."""
+    stream = sync.stream(stream_name, maxlen=10_000)
+    n = 0
+    while not stop.wait(every):
+        n += 1
+        stream.append({"n": n, "pid": os.getpid()}, type="tick")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--namespace", default="sse-demo")
+    parser.add_argument("--stream", default="demo")
+    parser.add_argument("--heartbeat", type=float, default=15.0,
+                        help="seconds without an event before a keepalive comment")
+    parser.add_argument("--produce", type=float, default=1.0,
+                        help="append a tick event every N seconds (0: off)")
+    args = parser.parse_args()
+
+    with contextlib.ExitStack() as stack:
+        url = os.environ.get("FLEXISYNC_URL")
+        if not url:
+            from flexisync.embedded import start
+
+            server = stack.enter_context(start())
+            url = server.url
+            print(f"no FLEXISYNC_URL: started a throwaway redis-server at {url}")
+        sync = stack.enter_context(flexisync.connect(url, namespace=args.namespace))
+        stop = threading.Event()
+        stack.callback(stop.set)
+        if args.produce > 0:
+            threading.Thread(target=produce, args=(sync, args.stream, args.produce, stop),
+                             name="producer", daemon=True).start()
+        app = build_app(sync, args.stream, heartbeat=args.heartbeat)
+        print(f"serving stream {args.stream!r} on http://{args.host}:{args.port}/", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""``flexisync demo``: a small fleet of workers sharing every flexisync primitive.
+
+The parent process spawns N workers and narrates what they report:
+
+* every worker calls a simulated LLM provider through one shared **circuit breaker**
+  ("llm"); whether the provider is up is a value in a shared **state** store that the
+  parent flips, so the outage hits every worker at once;
+* the parent announces each phase on the **event bus** (topic ``demo.control``) and each
+  worker counts the announcements it heard;
+* when asked, every worker tries to run the "nightly-report" job; a **lock** lets exactly
+  one of them run it (and a state record makes a late worker skip a finished job);
+* workers report what they see by appending to a durable **stream** ("demo-log") that
+  the parent follows and prints.
+
+Everything lives under a namespace of its own, deleted at the end. With no ``--url``
+and nothing in ``FLEXISYNC_URL`` it runs against a throwaway ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from flexisync import embedded
+from flexisync._cli_common import EXIT_OK, EXIT_PROBLEM, error
+from flexisync.coordinator import Coordinator, connect
+from flexisync.errors import CircuitOpenError, FlexiSyncError
+
+__all__ = ["run_demo", "worker_main"]
+
+BREAKER = "llm"
+POLICY: dict[str, Any] = {"failure_threshold": 3, "recovery_timeout": 1.0,
+                          "max_recovery_timeout": 2.0, "half_open_max_calls": 1}
+JOB = "nightly-report"
+LOG = "demo-log"
+TOPIC = "demo.control"
+CALL_INTERVAL = 0.1  # seconds between two provider calls of one worker
+PHASE_TIMEOUT = 20.0  # hang guard for each phase (seconds)
+
+
+class ProviderError(Exception):
+    """The simulated provider answered 503."""
+
+
+# --- the worker process ----------------------------------------------------------------
+
+
+def worker_main(url: str, namespace: str, index: int) -> None:
+    """One demo worker: call the provider through the breaker until told to stop."""
+    _quiet_logs()
+    with contextlib.suppress(KeyboardInterrupt), connect(url, namespace=namespace) as sync:
+        _Worker(sync, index).run()
+
+
+class _Worker:
+    def __init__(self, sync: Coordinator, index: int) -> None:
+        self.sync = sync
+        self.index = index
+        self.log = sync.stream(LOG, maxlen=100_000)
+        self.state = sync.state("demo")
+        self.breaker = sync.breaker(BREAKER, **POLICY)
+        self.changes: queue.Queue[tuple[str, str, float]] = queue.Queue()
+        self.breaker.on_state_change(
+            lambda _name, old, new: self.changes.put((old, new, time.time())))
+        self.inbox = sync.events.subscribe(TOPIC)
+        self.heard = 0
+        self.outcomes: Counter[str] = Counter()
+
+    def report(self, kind: str, **data: Any) -> None:
+        self.log.append({"worker": self.index, "pid": os.getpid(), **data}, type=kind)
+
+    def run(self) -> None:
+        self.report("ready")
+        stopping = False
+        while not stopping:
+            while (event := self.inbox.get(timeout=0)) is not None:
+                self.heard += 1
+                if event.type == "job.run":
+                    self.run_job(str(event.data))
+                elif event.type == "demo.stop":
+                    stopping = True
+            while not self.changes.empty():
+                old, new, at = self.changes.get_nowait()
+                self.report("saw", old=old, new=new, at=at)
+            if not stopping:
+                self.call_provider()
+                time.sleep(CALL_INTERVAL * random.uniform(0.7, 1.3))
+        self.report("done", heard=self.heard, outcomes=dict(self.outcomes))
+        self.inbox.close()
+
+    def call_provider(self) -> None:
+        # A call admitted while this worker's mirror says "not closed" is a probe.
+        probing = self.breaker.state != "closed"
+        extra: dict[str, Any] = {}
+        try:
+            self.breaker.call(self.complete, "Summarise the incident report")
+        except CircuitOpenError as exc:
+            outcome, probing = "rejected", False
+            extra["retry_after"] = exc.retry_after
+        except ProviderError as exc:
+            outcome = "failed"
+            extra["error"] = str(exc)
+        else:
+            outcome = "ok"
+        self.outcomes[outcome] += 1
+        self.report("call", outcome=outcome, probe=probing, **extra)
+
+    def complete(self, prompt: str) -> str:
+        """The simulated LLM provider: fails while the shared state says it is down."""
+        if self.state.get("provider") == "down":
+            raise ProviderError("503 Service Unavailable")
+        return f"summary of {prompt!r}"
+
+    def run_job(self, run: str) -> None:
+        lock = self.sync.lock(JOB, ttl=10.0)
+        if not lock.acquire(blocking=False):
+            self.report("job", result="skipped", reason="the lock is held by another worker")
+            return
+        try:
+            done = self.state.get(f"job:{run}")
+            if done is not None:
+                self.report("job", result="skipped",
+                            reason=f"already done by worker {done['worker']}")
+                return
+            token = lock.fencing_token
+            self.report("job", result="started", token=token)
+            time.sleep(0.3)  # the work itself
+            self.state.set(f"job:{run}", {"worker": self.index, "token": token}, ttl=600)
+            self.report("job", result="finished", token=token)
+        finally:
+            lock.release()
+
+
+# --- the parent: narration -------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    """What the parent learned from the workers' reports."""
+
+    workers: int
+    start: float
+    ready: set[int] = field(default_factory=set)
+    pids: set[int] = field(default_factory=set)
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_outcome: dict[int, str] = field(default_factory=dict)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    sightings: dict[tuple[str, int], dict[int, float]] = field(
+        default_factory=lambda: defaultdict(dict))
+    seen_count: dict[tuple[int, str], int] = field(default_factory=Counter)
+    fleet: list[str] = field(default_factory=list)
+    job_runs: list[tuple[int, int | None]] = field(default_factory=list)
+    job_skips: int = 0
+    job_finished: int = 0
+    failure: str | None = None
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+
+class _Narrator:
+    def __init__(self, workers: int) -> None:
+        self.tally = _Tally(workers=workers, start=time.time())
+        self._print_lock = threading.Lock()
+
+    def say(self, message: str, at: float | None = None) -> None:
+        elapsed = (at if at is not None else time.time()) - self.tally.start
+        with self._print_lock:
+            print(f"[{max(0.0, elapsed):6.2f}s] {message}", flush=True)
+
+    def on_report(self, event: Any) -> None:
+        tally, data = self.tally, event.data
+        worker = int(data.get("worker", 0))
+        with tally.changed:
+            self._handle(event.type, worker, data, event.time)
+            tally.changed.notify_all()
+
+    def _handle(self, kind: str, worker: int, data: dict[str, Any], at: float) -> None:
+        handler = {"ready": self._ready, "call": self._call, "saw": self._saw,
+                   "job": self._job, "done": self._done}.get(kind)
+        if handler is not None:
+            handler(worker, data, at)
+
+    def _ready(self, worker: int, data: dict[str, Any], at: float) -> None:
+        tally = self.tally
+        tally.ready.add(worker)
+        tally.pids.add(int(data["pid"]))
+        if len(tally.ready) == tally.workers:
+            self.say(f"all {tally.workers} workers ready (pids "
+                     f"{', '.join(str(p) for p in sorted(tally.pids))})", at)
+
+    def _call(self, worker: int, data: dict[str, Any], at: float) -> None:
+        tally = self.tally
+        outcome = data["outcome"]
+        tally.outcomes[outcome] += 1
+        previous = tally.last_outcome.get(worker)
+        tally.last_outcome[worker] = outcome
+        if outcome == previous and not data.get("probe"):
+            return  # narrate changes only, and every probe
+        probe = data.get("probe")
+        if outcome == "ok":
+            message = "called the provider: ok" + (" (the probe succeeded)" if probe else "")
+        elif outcome == "failed":
+            message = (f"called the provider: {data['error']}"
+                       + (" (the probe failed)" if probe else ""))
+        else:
+            message = ("rejected without calling the provider (retry in "
+                       f"{data['retry_after']:.2f}s)")
+        self.say(f"worker {worker} {message}", at)
+
+    def _saw(self, worker: int, data: dict[str, Any], _at: float) -> None:
+        tally = self.tally
+        new = data["new"]
+        count = tally.seen_count[(worker, new)] = tally.seen_count[(worker, new)] + 1
+        seen = tally.sightings[(new, count)]
+        seen[worker] = float(data["at"])
+        if len(seen) == tally.workers:
+            spread = (max(seen.values()) - min(seen.values())) * 1000
+            self.say(f"every worker saw the breaker turn {new} "
+                     f"(within {spread:.1f} ms of each other)", max(seen.values()))
+
+    def _job(self, worker: int, data: dict[str, Any], at: float) -> None:
+        tally = self.tally
+        result = data["result"]
+        if result == "started":
+            tally.job_runs.append((worker, data.get("token")))
+            self.say(f"worker {worker} took lock {JOB!r} (fencing token {data['token']}) "
+                     "and runs the job", at)
+        elif result == "finished":
+            tally.job_finished += 1
+            self.say(f"worker {worker} finished the job and released the lock", at)
+        else:
+            tally.job_skips += 1
+            self.say(f"worker {worker} skipped the job: {data['reason']}", at)
+
+    def _done(self, worker: int, data: dict[str, Any], _at: float) -> None:
+        self.tally.done[worker] = data
+
+    def on_fleet_change(self, _name: str, old: str, new: str) -> None:
+        with self.tally.changed:
+            self.tally.fleet.append(new)
+            self.tally.changed.notify_all()
+        note = {"open": "the fleet stops calling the provider",
+                "half_open": "one probe call is admitted for the whole fleet",
+                "closed": "the fleet calls the provider again"}.get(new, "")
+        self.say(f"*** breaker {BREAKER!r}: {old} -> {new.upper()}"
+                 + (f": {note}" if note else ""))
+
+    def wait(self, what: str, predicate: Any, timeout: float = PHASE_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with self.tally.changed:
+            while not predicate(self.tally):
+                if self.tally.failure is not None:
+                    raise _DemoStuck(f"reading the workers' reports failed: "
+                                     f"{self.tally.failure}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _DemoStuck(f"{what} did not happen within {timeout:.0f}s")
+                self.tally.changed.wait(min(remaining, 0.2))
+
+
+class _DemoStuck(Exception):
+    pass
+
+
+def _follow(sync: Coordinator, narrator: _Narrator, stop: threading.Event) -> None:
+    stream = sync.stream(LOG, maxlen=100_000)
+    after: str | None = None
+    try:
+        while not stop.is_set():
+            for event in stream.follow(after, timeout=0.2):
+                after = event.id
+                narrator.on_report(event)
+    except FlexiSyncError as exc:
+        with narrator.tally.changed:
+            narrator.tally.failure = str(exc)
+            narrator.tally.changed.notify_all()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; 0 when the fleet opened and recovered together.
+
+    Raises:
+        BackendUnavailable: the given Redis does not answer.
+    """
+    url = args.url or os.environ.get("FLEXISYNC_URL")
+    server = None
+    print(f"flexisync demo: {args.workers} worker processes share one circuit breaker, "
+          "one lock, a state store, events and a stream.")
+    if not url:
+        try:
+            server = embedded.start()
+        except embedded.EmbeddedRedisError as exc:
+            error(f"{exc} (or pass --url / set FLEXISYNC_URL)")
+            return EXIT_PROBLEM
+        url = server.url
+        print(f"No --url and no FLEXISYNC_URL: started a throwaway redis-server at {url} "
+              f"({server.binary}; stopped at the end).")
+    namespace = f"{args.namespace}-demo-{uuid.uuid4().hex[:8]}"
+    try:
+        with connect(url, namespace=namespace) as sync:
+            print(f"Redis: {sync.url}, namespace {namespace!r} (deleted at the end)",
+                  flush=True)
+            sync.ping()
+            try:
+                return _run(sync, url, namespace, args.workers)
+            finally:
+                _delete_namespace(sync)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run(sync: Coordinator, url: str, namespace: str, workers: int) -> int:
+    narrator = _Narrator(workers)
+    state = sync.state("demo")
+    state.set("provider", "up")
+    breaker = sync.breaker(BREAKER, **POLICY)
+    breaker.on_state_change(narrator.on_fleet_change)
+    stop = threading.Event()
+    reader = threading.Thread(target=_follow, args=(sync, narrator, stop),
+                              name="flexisync-demo-reader", daemon=True)
+    reader.start()
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=worker_main, args=(url, namespace, i + 1),
+                                 name=f"demo-worker-{i + 1}", daemon=True)
+                 for i in range(workers)]
+    narrator.say(f"starting {workers} worker processes")
+    for process in processes:
+        process.start()
+    events = sync.events
+    try:
+        narrator.wait("all workers ready", lambda t: len(t.ready) == workers, 60.0)
+        narrator.say("the provider is healthy; every worker calls it through breaker "
+                     f"{BREAKER!r}")
+        narrator.wait("healthy calls", lambda t: t.outcomes["ok"] >= 3 * workers)
+
+        narrator.say(">>> the provider goes down: it answers 503 to every call; after "
+                     f"{POLICY['failure_threshold']} failures across the fleet the breaker "
+                     "opens")
+        state.set("provider", "down")
+        events.publish(TOPIC, "provider is down", type="provider.down")
+        narrator.wait("the breaker opening", lambda t: "open" in t.fleet)
+        narrator.wait("a failed probe", lambda t: t.fleet.count("open") >= 2, 10.0)
+
+        narrator.say(">>> the provider recovers")
+        state.set("provider", "up")
+        events.publish(TOPIC, "provider is up", type="provider.up")
+        narrator.wait("the breaker closing", lambda t: t.fleet[-1:] == ["closed"])
+        narrator.wait("every worker seeing it closed",
+                      lambda t: len(t.sightings.get(("closed", 1), {})) == workers)
+
+        run = uuid.uuid4().hex[:6]
+        narrator.say(f">>> job {JOB!r} requested: every worker tries to run it")
+        events.publish(TOPIC, run, type="job.run")
+        narrator.wait("the job", lambda t: len(t.job_runs) + t.job_skips >= workers
+                      and t.job_finished >= 1)
+
+        narrator.say(">>> stop")
+        events.publish(TOPIC, None, type="demo.stop")
+        narrator.wait("every worker stopping", lambda t: len(t.done) == workers)
+    except _DemoStuck as exc:
+        error(f"the demo got stuck: {exc}")
+        return EXIT_PROBLEM
+    finally:
+        # Workers that reported "done" are exiting; any others are stuck or interrupted.
+        grace = 10.0 if len(narrator.tally.done) == workers else 1.0
+        for process in processes:
+            process.join(timeout=grace)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5.0)
+        stop.set()
+        reader.join(timeout=5.0)
+    return _summary(narrator.tally, breaker)
+
+
+def _summary(tally: _Tally, breaker: Any) -> int:
+    opened = tally.sightings.get(("open", 1), {})
+    closed = tally.sightings.get(("closed", 1), {})
+    together_open = len(opened) == tally.workers
+    together_closed = len(closed) == tally.workers
+    heard = {w: int(d.get("heard", 0)) for w, d in sorted(tally.done.items())}
+    info = breaker.info()
+    lines = [
+        "",
+        "Summary",
+        f"  breaker {BREAKER!r}: opened {info.trips} time(s), now {info.state}",
+        f"  fleet opened together:    {'yes' if together_open else 'no'} "
+        f"({len(opened)} of {tally.workers} workers saw it open)",
+        f"  fleet recovered together: {'yes' if together_closed else 'no'} "
+        f"({len(closed)} of {tally.workers} workers saw it close again)",
+        f"  provider calls: {tally.outcomes['ok']} ok, {tally.outcomes['failed']} failed, "
+        f"{tally.outcomes['rejected']} rejected by the breaker without calling",
+        f"  job {JOB!r}: ran {len(tally.job_runs)} time(s)"
+        + (f", on worker {tally.job_runs[0][0]} with fencing token {tally.job_runs[0][1]}"
+           if tally.job_runs else "")
+        + f"; {tally.job_skips} worker(s) skipped it",
+        "  events received per worker: "
+        + ", ".join(f"worker {w}: {n}" for w, n in heard.items()),
+    ]
+    print("\n".join(lines), flush=True)
+    healthy = together_open and together_closed and len(tally.job_runs) == 1
+    return EXIT_OK if healthy else EXIT_PROBLEM
+
+
+def _quiet_logs() -> None:
+    """Keep a worker's own log lines (breaker.opened...) out of the narration."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+def _delete_namespace(sync: Coordinator) -> None:
+    with contextlib.suppress(FlexiSyncError):
+        pattern = sync._keys.all_keys_pattern()
+
+        def delete(client: Any) -> int:
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            return int(client.unlink(*keys)) if keys else 0
+
+        sync._backend.call("demo.cleanup", delete)
+

@@ -1,0 +1,56 @@
+-- lock_acquire: take a lock's lease and its next fencing token in one round trip.
+-- KEYS[1]  the lease (string; value = the owner token)
+-- KEYS[2]  the fencing counter (never expires)
+-- KEYS[3]  fair mode only: waiter queue (ZSET token -> arrival time, microseconds)
+-- KEYS[4]  fair mode only: waiter expiries (ZSET token -> expiry, server milliseconds)
+-- ARGV[1]  the owner token of this acquisition
+-- ARGV[2]  lease TTL in milliseconds
+-- ARGV[3]  fair mode only: "1" when the caller will wait (join or refresh the queue)
+-- ARGV[4]  fair mode only: milliseconds a queue entry lives unless refreshed
+-- Fair mode is on when KEYS[3] is given.
+-- Returns {1, fencing_token} when the lease is ours (also when it already was: a
+-- retried call after a lost reply), else {0, pttl}: pttl = ms the holder's lease has
+-- left, -1 when it has no expiry, 0 when the lock is free but reserved for the queue head.
+local token = ARGV[1]
+if #KEYS == 2 then
+  if redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2]) then
+    return {1, redis.call('INCR', KEYS[2])}
+  end
+  if redis.call('GET', KEYS[1]) == token then
+    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+  end
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+local current = redis.call('GET', KEYS[1])
+if current == token then
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[3], unpack(expired))
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+end
+if not current then
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if head == nil or head == token then
+    redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+    if head ~= nil then
+      redis.call('ZREM', KEYS[3], token)
+      redis.call('ZREM', KEYS[4], token)
+    end
+    return {1, redis.call('INCR', KEYS[2])}
+  end
+end
+if ARGV[3] == '1' then
+  local arrival = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  redis.call('ZADD', KEYS[3], 'NX', arrival, token)
+  redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[4]), token)
+  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
+  redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
+end
+if not current then
+  return {0, 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}

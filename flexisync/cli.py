@@ -1,0 +1,161 @@
+"""The ``flexisync`` command: a demo, a health check, and read/write access to the primitives.
+
+::
+
+    flexisync demo [--workers N] [--url URL]
+    flexisync doctor [--url URL] [--json]
+    flexisync breakers [--json]            flexisync breaker open|close|reset NAME
+    flexisync locks [--json]
+    flexisync state get|set|del|keys SCOPE [KEY] [VALUE-JSON]
+    flexisync events tail TOPIC            flexisync events publish TOPIC [DATA-JSON]
+    flexisync stream read NAME [--after ID] [--follow]
+
+Every command takes ``--url`` (default: ``FLEXISYNC_URL``, else
+``redis://localhost:6379/0``) and ``--namespace`` (default ``flexisync``).
+
+Exit codes: 0 success; 1 the command ran but found a problem (doctor warnings, a missing
+key); 2 bad input (usage, a malformed URL, name or JSON value); 3 Redis unreachable;
+130 interrupted. Errors go to stderr as one readable line, never as a traceback, and a
+password in a URL is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import structlog
+
+from flexisync._cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    UsageError,
+    error,
+)
+from flexisync._cli_doctor import run_doctor
+from flexisync._cli_inspect import register_inspection
+from flexisync._demo import run_demo
+from flexisync.errors import BackendUnavailable, ConfigError, FlexiSyncError
+
+__all__ = ["build_parser", "main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _common(*, json_output: bool) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--url", default=None,
+                        help="Redis URL (default: $FLEXISYNC_URL, else redis://localhost:6379/0)")
+    parent.add_argument("--namespace", default="flexisync",
+                        help="key prefix shared by the application's processes "
+                             "(default: flexisync)")
+    if json_output:
+        parent.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``flexisync`` command (one subparser per command)."""
+    data = _common(json_output=True)
+    plain = _common(json_output=False)
+    parser = argparse.ArgumentParser(
+        prog="flexisync",
+        description="Coordinate worker processes through Redis: demo, health check, and "
+                    "inspection of breakers, locks, state, events and streams.",
+        epilog="Exit codes: 0 ok, 1 problem found, 2 bad input, 3 Redis unreachable.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo", parents=[plain], help="run a fleet of workers sharing one breaker, lock, "
+                                      "state store and event stream",
+        description="Spawn worker processes that share a circuit breaker guarding a "
+                    "simulated flaky LLM provider, a lock for a one-worker job, a state "
+                    "store and events, and narrate what happens. Without --url or "
+                    "FLEXISYNC_URL it starts a throwaway redis-server.")
+    demo.add_argument("--workers", type=_positive_int, default=4,
+                      help="worker processes to spawn (1-32, default 4)")
+    demo.set_defaults(handler=run_demo)
+
+    doctor = commands.add_parser(
+        "doctor", parents=[data], help="check that a Redis is fit for flexisync",
+        description="Check server version, round-trip time, maxmemory-policy (must be "
+                    "noeviction), persistence, deployment mode and the ACL permissions "
+                    "flexisync needs. Exits 1 when something needs attention.")
+    doctor.set_defaults(handler=run_doctor)
+
+    register_inspection(commands, data=data, plain=plain)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 32, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``flexisync`` command; returns the exit code (never raises, except exit).
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Command = args.handler
+    try:
+        with _quiet_library_logs():
+            return handler(args)
+    except (FlexiSyncError, KeyboardInterrupt, BrokenPipeError) as exc:
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    """Print what went wrong in one line and return the exit code for it."""
+    if isinstance(exc, BrokenPipeError):  # `flexisync stream read X | head`
+        return EXIT_OK
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, BackendUnavailable):
+        error(f"cannot reach Redis at {exc.address}"
+              + (f" ({exc.reason})" if exc.reason else ""))
+        return EXIT_UNAVAILABLE
+    error(str(exc))
+    return EXIT_USAGE if isinstance(exc, (ConfigError, UsageError)) else EXIT_PROBLEM
+
+
+@contextlib.contextmanager
+def _quiet_library_logs() -> Iterator[None]:
+    """Send only flexisync's errors, to stderr, while a command runs; restore after.
+
+    The library's warnings (``breaker.opened``...) are the command's own output here,
+    and stdout must stay clean for ``--json``.
+    """
+    saved = structlog.get_config()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Live pub/sub events inside one process: delivery, backpressure, bad input, threads."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+import flexisync
+from flexisync import Event
+from tests.helpers import wait_until
+
+
+@pytest.fixture
+def other(flexisync_url: str, namespace: str) -> Iterator[flexisync.Coordinator]:
+    """A second Coordinator on the same namespace (a second listener connection)."""
+    with flexisync.connect(flexisync_url, namespace=namespace) as coordinator:
+        yield coordinator
+
+
+def channel(sync: flexisync.Coordinator, topic: str) -> str:
+    return f"{sync.namespace}:events:{topic}"
+
+
+# --- delivery -----------------------------------------------------------------------
+
+
+def test_publish_right_after_subscribe_is_delivered(sync: flexisync.Coordinator,
+                                                    other: flexisync.Coordinator) -> None:
+    """subscribe() returns once confirmed: the very next publish arrives, no sleep."""
+    sub = sync.events.subscribe("providers")
+    assert other.events.publish("providers", {"name": "openai"}, type="provider.down") == 1
+    event = sub.get(timeout=5)
+    assert event is not None
+    assert (event.topic, event.type, event.data) == (
+        "providers", "provider.down", {"name": "openai"})
+
+
+def test_event_carries_id_time_and_source(sync: flexisync.Coordinator) -> None:
+    """Events have unique ids, the publish time (epoch s) and the publisher's host:pid."""
+    sub = sync.events.subscribe("t")
+    before = time.time()
+    sync.events.publish("t", 1)
+    sync.events.publish("t", 2)
+    first, second = sub.get(timeout=5), sub.get(timeout=5)
+    assert isinstance(first, Event)
+    assert isinstance(second, Event)
+    assert first.id
+    assert second.id
+    assert first.id != second.id
+    assert before <= first.time <= time.time()
+    assert first.source == f"{socket.gethostname()}:{os.getpid()}"
+    assert first.type == "message"
+    with pytest.raises(AttributeError):
+        first.data = 3  # type: ignore[misc]  # frozen
+
+
+def test_publish_returns_how_many_subscriptions_received_it(
+        sync: flexisync.Coordinator, other: flexisync.Coordinator) -> None:
+    """The receiver count is 0 with nobody listening, one per process and per pattern."""
+    assert sync.events.publish("nobody", {}) == 0
+    sync.events.subscribe("jobs.done")
+    sync.events.subscribe("jobs.done")  # same process, same channel: one Redis subscriber
+    other.events.subscribe("jobs.*")
+    assert sync.events.publish("jobs.done", {}) == 2
+
+
+def test_pattern_subscription_gets_matching_topics_only(sync: flexisync.Coordinator) -> None:
+    """A glob subscription receives matching topics, with the concrete topic on the event."""
+    sub = sync.events.subscribe("jobs.*")
+    sync.events.publish("other", "no")
+    sync.events.publish("jobs.42", "yes")
+    event = sub.get(timeout=5)
+    assert event is not None
+    assert (event.topic, event.data) == ("jobs.42", "yes")
+    assert sub.get(timeout=0) is None
+
+
+def test_iteration_yields_events_and_ends_on_close(sync: flexisync.Coordinator) -> None:
+    """`for event in sub` yields in order and stops once the subscription is closed."""
+    sub = sync.events.subscribe("it")
+    for i in range(3):
+        sync.events.publish("it", i)
+    seen = []
+    for event in sub:
+        seen.append(event.data)
+        if len(seen) == 3:
+            sub.close()
+    assert seen == [0, 1, 2]
+
+
+def test_callback_runs_on_a_dispatcher_thread_not_the_listener(
+        sync: flexisync.Coordinator) -> None:
+    """Callbacks run on the subscription's own named daemon thread."""
+    threads: list[threading.Thread] = []
+    done = threading.Event()
+
+    def callback(_event: Event) -> None:
+        threads.append(threading.current_thread())
+        done.set()
+
+    sync.events.subscribe("cb", callback)
+    sync.events.publish("cb", None)
+    assert done.wait(5)
+    assert threads[0].name == "flexisync-events:cb"
+    assert threads[0].daemon
+    assert threads[0] is not sync._listener._thread
+
+
+def test_one_listener_connection_serves_every_subscription(sync: flexisync.Coordinator,
+                                                           raw: redis.Redis) -> None:
+    """Many subscriptions, plain and pattern, share the one listener thread and socket."""
+    for i in range(4):
+        sync.events.subscribe(f"many.{i}", lambda _e: None)
+    sync.events.subscribe("many.*")
+    assert len([t for t in threading.enumerate() if t.name == "flexisync-listener"]) == 1
+    ours = [c for c in raw.client_list() if int(c["sub"]) == 4 and int(c["psub"]) == 1]
+    assert len(ours) == 1
+
+
+# --- failures inside consumers ------------------------------------------------------
+
+
+def test_raising_callback_is_logged_counted_and_delivery_goes_on(
+        sync: flexisync.Coordinator) -> None:
+    """A callback that raises is logged as events.callback_failed and counted in errors."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def callback(event: Event) -> None:
+        if event.data % 2 == 0:
+            raise RuntimeError("consumer bug")
+        seen.append(event.data)
+        if event.data == 5:
+            done.set()
+
+    with capture_logs() as logs:
+        sub = sync.events.subscribe("boom", callback)
+        for i in range(6):
+            sync.events.publish("boom", i)
+        assert done.wait(5)
+    assert seen == [1, 3, 5]
+    stats = sub.stats
+    assert (stats.received, stats.delivered, stats.errors) == (6, 6, 3)
+    assert sum(1 for entry in logs if entry["event"] == "events.callback_failed") == 3
+
+
+def test_slow_callback_does_not_stall_other_subscriptions(sync: flexisync.Coordinator) -> None:
+    """While one callback is blocked, another subscription receives every event."""
+    release = threading.Event()
+    fast: list[int] = []
+    slow: list[int] = []
+
+    def stuck(event: Event) -> None:
+        release.wait(30)
+        slow.append(event.data)
+
+    sync.events.subscribe("load", stuck)
+    sync.events.subscribe("load", lambda e: fast.append(e.data))
+    for i in range(50):
+        sync.events.publish("load", i)
+    wait_until(lambda: len(fast) == 50, message="the fast subscription got all 50")
+    assert slow == []
+    release.set()
+    wait_until(lambda: len(slow) == 50, message="the slow one catches up")
+    assert slow == list(range(50))
+
+
+def test_stalled_consumer_keeps_the_newest_and_counts_the_dropped(
+        sync: flexisync.Coordinator) -> None:
+    """maxsize=10, nobody reading: the newest 10 stay, 90 are dropped; others unaffected."""
+    stalled = sync.events.subscribe("flood", maxsize=10)
+    healthy = sync.events.subscribe("flood")
+    for i in range(100):
+        sync.events.publish("flood", i)
+    healthy_seen = [healthy.get(timeout=5) for _ in range(100)]
+    assert [e.data for e in healthy_seen if e is not None] == list(range(100))
+    wait_until(lambda: stalled.stats.received == 100, message="stalled sub received all")
+    assert stalled.stats.dropped == 90
+    assert stalled.stats.queued == 10
+    kept = [stalled.get(timeout=0) for _ in range(10)]
+    assert [e.data for e in kept if e is not None] == list(range(90, 100))
+    assert stalled.get(timeout=0) is None
+    assert healthy.stats.dropped == 0
+
+
+def test_garbage_on_the_channel_is_counted_not_fatal(sync: flexisync.Coordinator,
+                                                     raw: redis.Redis) -> None:
+    """Non-JSON is counted invalid and dropped; foreign JSON is delivered as 'message'."""
+    sub = sync.events.subscribe("mixed")
+    raw.publish(channel(sync, "mixed"), "not json {")
+    raw.publish(channel(sync, "mixed"), b"\xff\xfe binary")
+    raw.publish(channel(sync, "mixed"), '{"plain": true}')
+    raw.publish(channel(sync, "mixed"), "[1, 2]")
+    sync.events.publish("mixed", "ours", type="kind")
+    got = [sub.get(timeout=5) for _ in range(3)]
+    assert [(e.type, e.data, e.id, e.topic) for e in got if e is not None] == [
+        ("message", {"plain": True}, "", "mixed"),
+        ("message", [1, 2], "", "mixed"),
+        ("kind", "ours", got[2].id if got[2] else None, "mixed"),
+    ]
+    stats = sub.stats
+    assert (stats.received, stats.invalid, stats.delivered) == (5, 2, 3)
+
+
+# --- closing --------------------------------------------------------------------------
+
+
+def test_unsubscribe_while_publishing(sync: flexisync.Coordinator,
+                                      other: flexisync.Coordinator) -> None:
+    """close() during a publish storm: no call after close returns; others keep going."""
+    calls: list[int] = []
+    keep: list[int] = []
+    stop = threading.Event()
+    sub = sync.events.subscribe("storm", lambda e: calls.append(e.data))
+    sync.events.subscribe("storm", lambda e: keep.append(e.data), maxsize=1_000_000)
+
+    def publisher() -> None:
+        i = 0
+        while not stop.is_set():
+            other.events.publish("storm", i)
+            i += 1
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        wait_until(lambda: len(calls) >= 20, message="callbacks under load")
+        sub.close()
+        frozen = len(calls)
+        mark = len(keep)
+        wait_until(lambda: len(keep) > mark + 50, message="survivor keeps receiving")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert len(calls) == frozen
+    assert sub.closed
+    assert keep == list(range(len(keep)))
+
+
+def test_close_wakes_a_blocked_get(sync: flexisync.Coordinator) -> None:
+    """A get() blocked without timeout returns None once another thread closes it."""
+    sub = sync.events.subscribe("idle")
+    result: list[Event | None] = []
+    waiter = threading.Thread(target=lambda: result.append(sub.get()))
+    waiter.start()
+    sub.close()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert result == [None]
+    sub.close()  # idempotent
+
+
+def test_context_manager_unsubscribes(sync: flexisync.Coordinator) -> None:
+    """Leaving the with-block closes the subscription: nobody receives later publishes."""
+    with sync.events.subscribe("ctx") as sub:
+        assert sync.events.publish("ctx", 1) == 1
+    assert sub.closed
+    assert sync.events.publish("ctx", 2) == 0
+
+
+def test_coordinator_close_stops_dispatcher_threads(flexisync_url: str,
+                                                    namespace: str) -> None:
+    """Closing the Coordinator closes its subscriptions and joins their threads."""
+    sync = flexisync.connect(flexisync_url, namespace=namespace)
+    sub = sync.events.subscribe("bye", lambda _e: None)
+    thread = sub._thread
+    assert thread is not None
+    assert thread.is_alive()
+    sync.close()
+    assert sub.closed
+    assert not thread.is_alive()
+    with pytest.raises(flexisync.BackendUnavailable):
+        sync.events.publish("bye", 1)
+
+
+def test_callback_may_close_its_own_subscription(sync: flexisync.Coordinator) -> None:
+    """close() from inside the callback does not deadlock and stops further calls."""
+    calls: list[int] = []
+    closed = threading.Event()
+    holder: list[flexisync.Subscription] = []
+
+    def callback(event: Event) -> None:
+        calls.append(event.data)
+        holder[0].close()
+        closed.set()
+
+    holder.append(sync.events.subscribe("self", callback))
+    sync.events.publish("self", 1)
+    sync.events.publish("self", 2)
+    assert closed.wait(5)
+    assert calls == [1]
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topic", ["", "has space", "x" * 201, "new\nline", "é", "a*", 7, None])
+def test_publish_rejects_bad_topics(sync: flexisync.Coordinator, topic: object) -> None:
+    """Bad topics (and glob characters) raise ConfigError, a ValueError, before Redis."""
+    with pytest.raises(flexisync.ConfigError) as info:
+        sync.events.publish(topic, {})  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("topic", ["", "has space", "x" * 201, "{brace}", 3])
+def test_subscribe_rejects_bad_topics(sync: flexisync.Coordinator, topic: object) -> None:
+    """subscribe() validates topics and patterns before touching Redis."""
+    with pytest.raises(flexisync.ConfigError):
+        sync.events.subscribe(topic)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data", [object(), {1, 2}, float("nan"), {"k": b"bytes"}])
+def test_non_json_data_raises_type_error_and_sends_nothing(sync: flexisync.Coordinator,
+                                                           data: object) -> None:
+    """publish() refuses data JSON cannot carry, before anything is sent."""
+    sub = sync.events.subscribe("strict")
+    with pytest.raises(TypeError):
+        sync.events.publish("strict", data)
+    sync.events.publish("strict", "sentinel")
+    event = sub.get(timeout=5)
+    assert event is not None
+    assert event.data == "sentinel"
+
+
+@pytest.mark.parametrize("maxsize", [0, -1, True, 1.5, "10", None])
+def test_subscribe_rejects_bad_maxsize(sync: flexisync.Coordinator, maxsize: object) -> None:
+    """maxsize must be an int >= 1."""
+    with pytest.raises(flexisync.ConfigError, match="maxsize"):
+        sync.events.subscribe("t", maxsize=maxsize)  # type: ignore[arg-type]
+
+
+def test_other_bad_arguments(sync: flexisync.Coordinator) -> None:
+    """Bad callback, event type and get() timeout raise; get() on a callback sub too."""
+    with pytest.raises(flexisync.ConfigError, match="callable"):
+        sync.events.subscribe("t", callback="nope")  # type: ignore[arg-type]
+    with pytest.raises(flexisync.ConfigError, match="event type"):
+        sync.events.publish("t", 1, type="two words")
+    with pytest.raises(flexisync.ConfigError, match="timeout"):
+        sync.events.subscribe("t").get(timeout=-1)
+    with pytest.raises(RuntimeError, match="callback"):
+        sync.events.subscribe("t", lambda _e: None).get(timeout=0)

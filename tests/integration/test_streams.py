@@ -1,0 +1,258 @@
+"""Durable streams: append, read strictly after an id, trimming, TTL, follow, bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+import flexisync
+from flexisync.streams import Stream
+from tests.helpers import wait_until
+
+
+def key(sync: flexisync.Coordinator, name: str) -> str:
+    return f"{sync.namespace}:stream:{{{name}}}"
+
+
+def ids_of(events: list[flexisync.Event]) -> list[str]:
+    return [e.id for e in events]
+
+
+# --- append and read -----------------------------------------------------------------
+
+
+def test_append_returns_increasing_ids_and_events_read_back(
+        sync: flexisync.Coordinator) -> None:
+    """append() returns the entry id; read_after(None) returns every event in order."""
+    stream = sync.stream("log")
+    ids = [stream.append({"line": i}, type="stdout") for i in range(5)]
+    assert ids == sorted(ids, key=lambda s: tuple(map(int, s.split("-"))))
+    assert len(set(ids)) == 5
+    events = stream.read_after()
+    assert ids_of(events) == ids
+    first = events[0]
+    assert (first.topic, first.type, first.data) == ("log", "stdout", {"line": 0})
+    assert first.source.endswith(":" + str(__import__("os").getpid()))
+    assert abs(first.time - time.time()) < 60
+
+
+def test_read_after_is_strictly_after_and_empty_after_the_last(
+        sync: flexisync.Coordinator) -> None:
+    """read_after(id) excludes id itself; after the newest id it returns []."""
+    stream = sync.stream("strict")
+    ids = [stream.append(i) for i in range(6)]
+    assert [e.data for e in stream.read_after(ids[2])] == [3, 4, 5]
+    assert [e.data for e in stream.read_after(ids[2], count=2)] == [3, 4]
+    assert stream.read_after(ids[-1]) == []
+    assert [e.data for e in stream.read_after("0-0")] == list(range(6))
+
+
+def test_last_id_len_and_delete(sync: flexisync.Coordinator, raw: redis.Redis) -> None:
+    """last_id/len follow appends; delete() removes the key; an absent stream is empty."""
+    stream = sync.stream("meta")
+    assert stream.last_id() is None
+    assert len(stream) == 0
+    assert stream.read_after() == []
+    assert stream.read_after("1-0") == []
+    first = stream.append("a")
+    second = stream.append("b")
+    assert stream.last_id() == second != first
+    assert len(stream) == 2
+    assert raw.exists(key(sync, "meta")) == 1
+    assert stream.delete() is True
+    assert raw.exists(key(sync, "meta")) == 0
+    assert stream.delete() is False
+    assert stream.last_id() is None
+
+
+def test_two_handles_in_one_namespace_share_the_stream(sync: flexisync.Coordinator,
+                                                       flexisync_url: str) -> None:
+    """The same name from another Coordinator reads what this one appended."""
+    event_id = sync.stream("shared").append({"x": 1})
+    with flexisync.connect(flexisync_url, namespace=sync.namespace) as other:
+        events = other.stream("shared").read_after()
+    assert ids_of(events) == [event_id]
+
+
+def test_entries_added_by_other_programs_are_readable(sync: flexisync.Coordinator,
+                                                      raw: redis.Redis) -> None:
+    """A raw XADD without flexisync's fields comes back as type 'message' with its fields."""
+    stream = sync.stream("foreign")
+    raw_id = raw.xadd(key(sync, "foreign"), {"temp": "21.5"})
+    events = stream.read_after()
+    assert len(events) == 1
+    assert (events[0].id, events[0].type, events[0].data) == (raw_id, "message",
+                                                             {"temp": "21.5"})
+
+
+# --- trimming --------------------------------------------------------------------------
+
+
+def test_maxlen_trims_and_an_evicted_resume_point_raises_events_trimmed(
+        sync: flexisync.Coordinator) -> None:
+    """With maxlen, old events go; resuming before the oldest raises EventsTrimmed."""
+    stream = sync.stream("bounded", maxlen=10)
+    ids = [stream.append(i) for i in range(500)]
+    assert 10 <= len(stream) < 500
+    with pytest.raises(flexisync.EventsTrimmed) as info:
+        stream.read_after(ids[0])
+    oldest = stream.read_after()[0].id
+    assert info.value.oldest == oldest
+    assert info.value.after == ids[0]
+    assert info.value.stream == "bounded"
+    assert [e.data for e in stream.read_after(ids[-4])] == [497, 498, 499]
+    assert [e.data for e in stream.read_after(oldest)][-1] == 499
+    with pytest.raises(flexisync.EventsTrimmed):
+        next(iter(stream.follow(ids[0], timeout=1)))
+
+
+def test_resume_point_before_an_untrimmed_stream_is_not_an_error(
+        sync: flexisync.Coordinator) -> None:
+    """An id older than the stream's first event, with nothing ever trimmed, reads all."""
+    stream = sync.stream("fresh")
+    stream.append("only")
+    assert [e.data for e in stream.read_after("1-0")] == ["only"]
+
+
+# --- ttl --------------------------------------------------------------------------------
+
+
+def test_ttl_is_set_and_refreshed_on_every_append(sync: flexisync.Coordinator,
+                                                  raw: redis.Redis) -> None:
+    """ttl puts an expiry on the stream key and each append resets it; it then expires."""
+    stream = sync.stream("temp", ttl=30.0)
+    stream.append(1)
+    assert 0 < raw.pttl(key(sync, "temp")) <= 30_000
+    raw.pexpire(key(sync, "temp"), 5_000)
+    stream.append(2)
+    assert raw.pttl(key(sync, "temp")) > 5_000, "append did not refresh the expiry"
+    short = sync.stream("short", ttl=0.2)
+    short.append("gone soon")
+    wait_until(lambda: len(short) == 0, timeout=5, message="stream expired")  # time under test
+    assert raw.exists(key(sync, "short")) == 0
+
+
+def test_stream_without_ttl_never_expires(sync: flexisync.Coordinator,
+                                          raw: redis.Redis) -> None:
+    """No ttl: the key has no expiry."""
+    sync.stream("forever").append(1)
+    assert raw.pttl(key(sync, "forever")) == -1
+
+
+# --- follow -----------------------------------------------------------------------------
+
+
+def test_follow_replays_then_waits_for_live_events(sync: flexisync.Coordinator) -> None:
+    """follow() yields the backlog, then events appended later, and stops on until()."""
+    stream = sync.stream("live")
+    stream.append(0)
+    stream.append(1)
+    seen: list[int] = []
+    proceed = threading.Event()
+
+    def writer() -> None:
+        assert proceed.wait(10)
+        for i in range(2, 5):
+            stream.append(i)
+        stream.append(None, type="done")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    for event in stream.follow(timeout=30, until=lambda e: e.type == "done"):
+        seen.append(event.data)
+        if event.data == 1:
+            proceed.set()
+    thread.join(10)
+    assert seen == [0, 1, 2, 3, 4, None]
+
+
+def test_follow_stops_after_timeout_without_events(sync: flexisync.Coordinator) -> None:
+    """timeout: the generator ends when that long passes with no new event."""
+    stream = sync.stream("quiet")
+    last = stream.append("x")
+    started = time.monotonic()
+    assert list(stream.follow(last, timeout=0.3)) == []
+    assert time.monotonic() - started >= 0.3  # the thing under test is time
+
+
+def test_follow_releases_its_blocking_connection(sync: flexisync.Coordinator,
+                                                 raw: redis.Redis) -> None:
+    """Closing a follow() generator closes the connection it blocked on."""
+    stream = sync.stream("conns")
+    stream.append(1)
+    before = len(raw.client_list())
+    follower = stream.follow(timeout=30)
+    assert next(follower).data == 1
+    thread = threading.Thread(target=lambda: next(follower, None))
+    thread.start()
+    wait_until(lambda: any(c["cmd"] == "xread" for c in raw.client_list()),
+               message="follower blocked in XREAD")
+    stream.append(None, type="wake")
+    thread.join(10)
+    follower.close()
+    wait_until(lambda: len(raw.client_list()) <= before + 1,
+               message="the follower's connection closed")
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["abc", "1-", "-1", "1-2-3", "", " 1-0", "1.5-0",
+                                 "99999999999999999999-0", 17, b"1-0"])
+def test_malformed_ids_raise_config_error(sync: flexisync.Coordinator, bad: object) -> None:
+    """read_after/follow reject malformed ids with ConfigError (a ValueError), eagerly."""
+    stream = sync.stream("ids")
+    with pytest.raises(ValueError, match="after") as info:
+        stream.read_after(bad)  # type: ignore[arg-type]
+    assert isinstance(info.value, flexisync.ConfigError)
+    with pytest.raises(flexisync.ConfigError):
+        stream.follow(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("maxlen", [0, -5, True, 2.5, "100"])
+def test_bad_maxlen_raises_config_error(sync: flexisync.Coordinator, maxlen: object) -> None:
+    """maxlen must be an int >= 1 or None."""
+    with pytest.raises(flexisync.ConfigError, match="maxlen"):
+        sync.stream("m", maxlen=maxlen)  # type: ignore[arg-type]
+
+
+def test_other_bad_arguments(sync: flexisync.Coordinator) -> None:
+    """Bad names, ttl, count, timeout, until, type and non-JSON data are refused."""
+    with pytest.raises(flexisync.ConfigError):
+        sync.stream("bad name")
+    with pytest.raises(flexisync.ConfigError):
+        sync.stream("t", ttl=0)
+    with pytest.raises(flexisync.ConfigError):
+        Stream(sync, "t", maxlen=None, ttl=-1.0)
+    stream = sync.stream("args")
+    with pytest.raises(flexisync.ConfigError, match="count"):
+        stream.read_after(count=0)
+    with pytest.raises(flexisync.ConfigError, match="timeout"):
+        stream.follow(timeout=-1)
+    with pytest.raises(flexisync.ConfigError, match="until"):
+        stream.follow(until=5)  # type: ignore[arg-type]
+    with pytest.raises(flexisync.ConfigError, match="event type"):
+        stream.append(1, type="a b")
+    with pytest.raises(TypeError):
+        stream.append({"when": object()})
+    assert len(stream) == 0, "a refused append wrote nothing"
+
+
+def test_works_with_a_user_client_that_decodes_responses(flexisync_url: str,
+                                                         namespace: str) -> None:
+    """A client passed in with decode_responses=True reads, trims and follows the same."""
+    client = redis.Redis.from_url(flexisync_url, decode_responses=True)
+    with flexisync.connect(client=client, namespace=namespace) as sync:
+        stream = sync.stream("decoded", maxlen=5)
+        ids = [stream.append({"i": i}, type="n") for i in range(300)]
+        assert [e.data for e in stream.read_after(ids[-3])] == [{"i": 298}, {"i": 299}]
+        assert stream.last_id() == ids[-1]
+        with pytest.raises(flexisync.EventsTrimmed):
+            stream.read_after(ids[0])
+        follower = stream.follow(ids[-2], timeout=5)
+        assert next(follower).id == ids[-1]
+        follower.close()
+    client.close()
