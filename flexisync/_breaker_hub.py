@@ -19,7 +19,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,19 +37,9 @@ __all__ = ["FLUSH_INTERVAL", "Hub", "hub_of"]
 FLUSH_INTERVAL = 0.1  # seconds between flushes of aggregated successes
 RECHECK_INTERVAL = 0.5  # seconds between checks whether Redis is back
 
-_hubs: weakref.WeakKeyDictionary[Coordinator, Hub] = weakref.WeakKeyDictionary()
-_hubs_lock = threading.Lock()
-
-
 def hub_of(coordinator: Coordinator) -> Hub:
     """The one :class:`Hub` of ``coordinator`` (built on first use)."""
-    hub = _hubs.get(coordinator)
-    if hub is None:
-        with _hubs_lock:
-            hub = _hubs.get(coordinator)
-            if hub is None:
-                hub = _hubs[coordinator] = Hub(coordinator)
-    return hub
+    return coordinator._extension("breakers", Hub)
 
 
 class Hub:

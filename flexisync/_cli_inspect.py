@@ -283,11 +283,16 @@ def _events_publish(args: argparse.Namespace) -> int:
 def _stream_read(args: argparse.Namespace) -> int:
     with coordinator_for(args) as sync:
         stream = sync.stream(args.name)
-        if args.follow:
-            events: Iterable[Any] = stream.follow(args.after, timeout=args.timeout)
-        else:
-            events = stream.read_after(args.after, count=args.count)
-        _print_events(events, args)
+        if not args.follow:
+            _print_events(stream.read_after(args.after, count=args.count), args)
+            return EXIT_OK
+        events = stream.follow(args.after, timeout=args.timeout)
+        try:
+            _print_events(events, args)
+        finally:  # closes its XREAD BLOCK connection now, also after --count
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
     return EXIT_OK
 
 

@@ -360,6 +360,10 @@ class Backend:
         self.retry = retry
         self._scripts: dict[str, Any] = {}
         self.closed = False
+        # Fork detection by pid, for servers that fork without running Python's at-fork
+        # hooks (uWSGI without py-call-uwsgi-fork-hooks): the owner sets on_fork.
+        self.pid = os.getpid()
+        self.on_fork: Callable[[], None] | None = None
         self._log = get_logger("connection", address=address)
 
     @cached_property
@@ -382,6 +386,8 @@ class Backend:
         """
         if self.closed:
             raise BackendUnavailable(self.address, reason="the Coordinator is closed")
+        if self.pid != os.getpid():
+            self.check_fork()
         try:
             return fn(self.client)
         except rexc.RedisError as exc:
@@ -422,6 +428,14 @@ class Backend:
         except (rexc.RedisError, OSError) as exc:
             elapsed = time.monotonic() - start
             raise _translate(operation, exc, self.address, attempts, elapsed) from exc
+
+    def check_fork(self) -> None:
+        """Run ``on_fork`` once if this process is a fork the at-fork hooks missed."""
+        pid = os.getpid()
+        if self.pid != pid:
+            self.pid = pid
+            if self.on_fork is not None:
+                self.on_fork()
 
     def script(self, name: str) -> Any:
         """The registered redis-py ``Script`` for ``flexisync/_scripts/<name>.lua``.

@@ -3,7 +3,7 @@
 Layout (``ns`` is the Coordinator's namespace, ``{name}`` is a Redis Cluster hash tag so
 that every key of one object lands in one slot and its Lua scripts may touch them all)::
 
-    ns:state:{scope}:key          one StateStore value
+    ns:state:{scope}:key           one StateStore value
     ns:lock:{name}                 a lock's lease (value = owner token "random:host:pid")
     ns:lock:{name}:fence           the lock's fencing counter (never expires)
     ns:lock:{name}:queue           fair-mode waiter queue (ZSET token -> arrival, us)
@@ -15,6 +15,8 @@ that every key of one object lands in one slot and its Lua scripts may touch the
     ns:breaker:{name}:window       its failure-rate window (HASH of per-bucket counts)
     ns:breaker:{name}:probes       its half-open probe leases (ZSET token -> expiry ms)
     ns:breaker:name                channel on which a breaker's transitions are published
+    ns:doctor:{probe-xxxxxxxx}:*   throwaway keys `flexisync doctor` writes and deletes
+                                   while probing ACL permissions
 """
 
 from __future__ import annotations

@@ -54,10 +54,15 @@ class Registration:
         self._closed = False
 
     def close(self) -> None:
-        """Stop delivering to this handler; unsubscribes when it was the last one."""
+        """Stop delivering to this handler; unsubscribes when it was the last one.
+
+        When this was the channel's last handler, returns once Redis confirmed the
+        unsubscribe (bounded by the listener's ``ping_timeout``), so a PUBLISH made
+        afterwards no longer counts this process as a receiver.
+        """
         if not self._closed:
             self._closed = True
-            self._listener._remove(self._key, self._handler)
+            self._listener._remove(self._key, self._handler, wait=True)
 
 
 class Listener:
@@ -86,6 +91,8 @@ class Listener:
         self._gen = 0
         self._sent: dict[_Key, tuple[int, int]] = {}
         self._acked: dict[_Key, tuple[int, int]] = {}
+        self._unsent: dict[_Key, tuple[int, int]] = {}  # UNSUBSCRIBEs sent, as _sent
+        self._unacked: dict[_Key, tuple[int, int]] = {}  # ... and confirmed, as _acked
         self._hooks_due = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -154,6 +161,7 @@ class Listener:
     # --- registration ------------------------------------------------------------
 
     def _add(self, key: _Key, handler: Handler, timeout: float | None) -> Registration:
+        self._backend.check_fork()  # may reset this listener (a fork nobody announced)
         deadline = time.monotonic() + (timeout if timeout is not None
                                        else self._backend.retry.deadline + 2.0)
         with self._cond:
@@ -182,22 +190,36 @@ class Listener:
         return (self._conn is not None and sent is not None and acked is not None
                 and sent[0] == self._gen and acked >= sent)
 
-    def _remove(self, key: _Key, handler: Handler) -> None:
+    def _remove(self, key: _Key, handler: Handler, *, wait: bool = False) -> None:
         with self._cond:
-            self._remove_locked(key, handler)
+            target = self._remove_locked(key, handler)
+            if not wait or target is None or threading.current_thread() is self._thread:
+                return
+            deadline = time.monotonic() + self.ping_timeout
+            while (self._gen == target[0] and self._conn is not None and not self._closed
+                   and self._unacked.get(key, (0, 0)) < target):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return  # delivery already stopped here; only the server lags
+                self._cond.wait(remaining)
 
-    def _remove_locked(self, key: _Key, handler: Handler) -> None:
+    def _remove_locked(self, key: _Key, handler: Handler) -> tuple[int, int] | None:
+        """Drop ``handler``; returns the UNSUBSCRIBE to await, if one was sent."""
         handlers = self._handlers.get(key)
         if not handlers or handler not in handlers:
-            return
+            return None
         handlers.remove(handler)
         if handlers:
-            return
+            return None
         del self._handlers[key]
         conn = self._conn
-        if conn is not None:
-            command = "UNSUBSCRIBE" if key[0] == "channel" else "PUNSUBSCRIBE"
-            self._send(conn, command, key[1])
+        if conn is None:
+            return None
+        command = "UNSUBSCRIBE" if key[0] == "channel" else "PUNSUBSCRIBE"
+        gen, count = self._unsent.get(key, (self._gen, 0))
+        target = self._unsent[key] = (self._gen, count + 1 if gen == self._gen else 1)
+        self._send(conn, command, key[1])
+        return target
 
     def _send_subscribe(self, conn: Any, keys: list[_Key]) -> None:
         """Send (P)SUBSCRIBE for ``keys``; caller holds ``_cond``."""
@@ -265,6 +287,8 @@ class Listener:
                 self.reconnects += 1
             self._conn = conn
             self._acked.clear()
+            self._unacked.clear()
+            self._unsent.clear()
             self._send_subscribe(conn, list(self._handlers))
             self._hooks_due = self._gen > 1
             self._cond.notify_all()
@@ -305,6 +329,12 @@ class Listener:
                 self._acked[key] = (self._gen, count + 1 if gen == self._gen else 1)
                 self._cond.notify_all()
             self._maybe_run_hooks()
+        elif kind in ("unsubscribe", "punsubscribe"):
+            key = ("channel" if kind == "unsubscribe" else "pattern", _text(reply[1]))
+            with self._cond:
+                gen, count = self._unacked.get(key, (self._gen, 0))
+                self._unacked[key] = (self._gen, count + 1 if gen == self._gen else 1)
+                self._cond.notify_all()
 
     def _deliver(self, key: _Key, channel: str, data: Any, pattern: str | None) -> None:
         handlers = self._handlers.get(key)

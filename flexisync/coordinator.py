@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flexisync._connection import (
     DEFAULT_URL,
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from flexisync.streams import Stream
 
 __all__ = ["Coordinator", "connect"]
+
+_T = TypeVar("_T")
 
 _live: weakref.WeakSet[Coordinator] = weakref.WeakSet()
 _fork_hook_installed = False
@@ -97,15 +100,18 @@ class Coordinator:
         self._keys = keys
         self._spec = spec
         self._log = get_logger("coordinator", namespace=keys.namespace)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: an extension's factory may use the listener
         self._listener_obj: Listener | None = None
+        self._extensions: dict[str, Any] = {}
         self._events_obj: EventBus | None = None
         self._fork_hooks: list[Callable[[], None]] = []
         self._close_hooks: list[Callable[[], None]] = []
         self._closed = False
         self.fork_generation = 0
+        backend.on_fork = self._after_fork
         _install_fork_hook()
         _live.add(self)
+        _warn_if_uwsgi_skips_fork_hooks(self._log)
 
     # --- identity ------------------------------------------------------------------
 
@@ -229,6 +235,20 @@ class Coordinator:
                 listener = self._listener_obj
         return listener
 
+    def _extension(self, key: str, factory: Callable[[Coordinator], _T]) -> _T:
+        """The one per-Coordinator helper object under ``key``, built by ``factory`` once.
+
+        Primitives keep their process-wide machinery here (the lock watchdog, the breaker
+        hub), so it lives and dies with the Coordinator.
+        """
+        found = self._extensions.get(key)
+        if found is None:
+            with self._lock:
+                found = self._extensions.get(key)
+                if found is None:
+                    found = self._extensions[key] = factory(self)
+        return cast(_T, found)
+
     def _on_fork(self, hook: Callable[[], None]) -> None:
         """Run ``hook()`` in a forked child, after connections and listener are reset."""
         self._fork_hooks.append(hook)
@@ -238,7 +258,8 @@ class Coordinator:
         self._close_hooks.append(hook)
 
     def _after_fork(self) -> None:
-        self._lock = threading.Lock()
+        self._backend.pid = os.getpid()
+        self._lock = threading.RLock()
         self.fork_generation += 1
         if self._closed:
             return
@@ -249,6 +270,32 @@ class Coordinator:
                 hook()
             except Exception:
                 self._log.exception("coordinator.fork_hook_failed")
+
+
+_uwsgi_warned = False
+
+
+def _warn_if_uwsgi_skips_fork_hooks(log: Any) -> None:
+    """Warn once when created in a uWSGI master that will fork without Python's hooks.
+
+    uWSGI forks its workers from C; unless ``py-call-uwsgi-fork-hooks`` (or
+    ``lazy-apps``) is set, ``os.register_at_fork`` callbacks never run in the workers.
+    flexisync then notices the fork only at a worker's first Redis call (pid check),
+    so a breaker mirror or a subscription made in the master waits until then.
+    """
+    global _uwsgi_warned
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None or _uwsgi_warned:
+        return
+    try:
+        options = {k.decode() if isinstance(k, bytes) else str(k) for k in uwsgi.opt}
+        in_master = uwsgi.worker_id() == 0
+    except Exception:  # a uwsgi module we do not understand: stay quiet
+        return
+    if in_master and not options & {"py-call-uwsgi-fork-hooks", "lazy-apps", "lazy"}:
+        _uwsgi_warned = True
+        log.warning("coordinator.uwsgi_fork_hooks_missing",
+                    hint="set py-call-uwsgi-fork-hooks = true (or lazy-apps = true)")
 
 
 def _after_fork_in_child() -> None:

@@ -260,27 +260,8 @@ class _Runtime:
             self.locks.add(lock)
 
 
-_runtimes: weakref.WeakKeyDictionary[Coordinator, _Runtime] = weakref.WeakKeyDictionary()
-_runtimes_lock = threading.Lock()
-
-
-def _reinit_module_lock() -> None:
-    global _runtimes_lock
-    _runtimes_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_module_lock)
-
-
 def _runtime(coordinator: Coordinator) -> _Runtime:
-    runtime = _runtimes.get(coordinator)
-    if runtime is None:
-        with _runtimes_lock:
-            runtime = _runtimes.get(coordinator)
-            if runtime is None:
-                runtime = _runtimes[coordinator] = _Runtime(coordinator)
-    return runtime
+    return coordinator._extension("locks", _Runtime)
 
 
 # --- the Lock ---------------------------------------------------------------------------

@@ -72,3 +72,20 @@ def test_coordinator_created_before_fork_works_in_the_child(
     join_all([child])
     assert store.get("child")["pid"] == child.pid
     assert store.get("parent") == "hello"  # the parent's connection still works
+
+
+def test_fork_missed_by_at_fork_hooks_is_caught_by_the_pid_check(
+        sync: flexisync.Coordinator) -> None:
+    """A fork the at-fork hooks never saw (uWSGI without fork hooks) is detected by pid.
+
+    A real server cannot fork without running CPython's hooks here, so the test plays
+    the child's view: the backend remembers another pid than the current one.
+    """
+    store = sync.state("shared")
+    store.set("k", 1)
+    assert sync.fork_generation == 0
+    sync._backend.pid = -1  # "this process is not the one that created the Coordinator"
+    assert store.get("k") == 1
+    assert sync.fork_generation == 1  # the same reset as after an announced fork
+    assert store.get("k") == 1
+    assert sync.fork_generation == 1  # once per fork, not once per call

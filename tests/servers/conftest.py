@@ -82,7 +82,9 @@ class Server:
         self.http.close()
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                # uWSGI treats SIGTERM as "reload gracefully"; SIGINT is its "stop now".
+                stop = signal.SIGINT if self.name == "uwsgi" else signal.SIGTERM
+                os.killpg(self.process.pid, stop)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10.0)
         with contextlib.suppress(ProcessLookupError):
@@ -133,9 +135,13 @@ def gunicorn_command(port: int, *, preload: bool, timeout: int = 30) -> list[str
     return command
 
 
-def uwsgi_ini(directory: Path, port: int, *, lazy_apps: bool,
+def uwsgi_ini(directory: Path, port: int, *, lazy_apps: bool, fork_hooks: bool = True,
               harakiri: int | None = None) -> Path:
-    """A uWSGI config file: master + 4 processes serving the example app."""
+    """A uWSGI config file: master + 4 processes serving the example app.
+
+    ``fork_hooks=False`` leaves out ``py-call-uwsgi-fork-hooks``: uWSGI then forks
+    without running Python's at-fork hooks and flexisync's pid check must notice.
+    """
     lines = [
         "[uwsgi]",
         "master = true",
@@ -146,7 +152,7 @@ def uwsgi_ini(directory: Path, port: int, *, lazy_apps: bool,
         "die-on-term = true",
         "disable-logging = true",
         "enable-threads = true",
-        "py-call-uwsgi-fork-hooks = true",  # run CPython's at-fork handlers
+        f"py-call-uwsgi-fork-hooks = {'true' if fork_hooks else 'false'}",
         f"lazy-apps = {'true' if lazy_apps else 'false'}",
     ]
     if harakiri is not None:

@@ -27,6 +27,7 @@ CONFIGS = [
     pytest.param("gunicorn", {"preload": True}, id="gunicorn-preload"),
     pytest.param("gunicorn", {"preload": False}, id="gunicorn"),
     pytest.param("uwsgi", {"lazy_apps": False}, id="uwsgi"),
+    pytest.param("uwsgi", {"lazy_apps": False, "fork_hooks": False}, id="uwsgi-no-fork-hooks"),
     pytest.param("uwsgi", {"lazy_apps": True}, id="uwsgi-lazy-apps"),
 ]
 

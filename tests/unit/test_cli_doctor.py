@@ -81,6 +81,6 @@ class _FakeBackend:
 def test_persistence_check_says_what_survives_a_restart(
         config: dict[str, str] | None, info: dict[str, Any], words: str) -> None:
     """Persistence is informational and never claims 'none' when it could not look."""
-    check = doctor._persistence(_FakeBackend(config), info)  # type: ignore[arg-type]
+    check = doctor._persistence(_FakeBackend(config), info)
     assert check.status == "info"
     assert words in check.detail
