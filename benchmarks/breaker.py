@@ -34,6 +34,7 @@ import redis
 from interlock.integrations.redis import RedisStorage
 
 import flexisync
+from _common import pct, quiet_logs  # benchmarks/_common.py
 
 URL = os.environ.get("FLEXISYNC_BENCH_URL", "redis://localhost:6379/15")
 CALLS = 200_000
@@ -135,6 +136,7 @@ def _watch(make: Callable[[], Callable[[], str]], ready: Any, out: Any, rounds: 
 
 def _flexisync_push(ready: Any, out: Any, rounds: int) -> None:
     """flexisync pushes transitions: stamp each one in its on_state_change callback."""
+    quiet_logs()  # a spawned worker starts with structlog's defaults
     breaker = flexisync.connect(URL, namespace=NAMESPACE).breaker("propagation")
     done = threading.Event()
     seen = [0]
@@ -198,12 +200,8 @@ def propagation(label: str, sync: flexisync.Coordinator, client: redis.Redis) ->
     return latencies
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> int:
+    quiet_logs()
     client = redis.Redis.from_url(URL)
     sync = flexisync.connect(URL, namespace=NAMESPACE)
     try:

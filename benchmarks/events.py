@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 import flexisync
+from _common import pct, per_op_us  # benchmarks/_common.py
 from flexisync.testing import DEFAULT_TEST_URL, delete_namespace, resolve_test_url
 
 WAIT = 60.0
@@ -133,18 +134,6 @@ def run_pubsub(ctx: Any, *, flexi: bool, url: str, namespace: str, n: int,
         print(f"  (flexisync subscriber dropped {dropped} events)")
     rate = len(latencies) / (last - start) if last else 0.0
     return latencies, rate
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def per_op_us(fn: Callable[[], object], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 def main() -> int:

@@ -14,25 +14,17 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import uuid
 from collections.abc import Callable
 
 import redis
 
 import flexisync
+from _common import per_op_us  # benchmarks/_common.py
 from flexisync.state import encode
 from flexisync.testing import DEFAULT_TEST_URL, delete_namespace, resolve_test_url
 
 VALUE = {"healthy": False, "latency_ms": 812.5, "model": "gpt-4o-mini"}
-
-
-def per_op_us(fn: Callable[[], object], n: int) -> float:
-    """Mean µs per call of ``fn`` over ``n`` calls."""
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 def main() -> int:
