@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions as rexc
 
-from flexisync._connection import is_transient, load_script
+from flexisync._connection import is_transient
 from flexisync._log import get_logger
 from flexisync.errors import BackendError, BackendUnavailable
 
@@ -49,7 +49,6 @@ class Hub:
         self._coordinator = coordinator
         self._backend = coordinator._backend
         self._log = get_logger("breaker", namespace=coordinator.namespace)
-        self._scripts: dict[str, Any] = {}
         self._breakers: list[CircuitBreaker] = []
         # one CircuitBreaker per (name, policy): see CircuitBreaker.__new__
         self.instances: dict[tuple[str, Any], CircuitBreaker] = {}
@@ -80,10 +79,8 @@ class Hub:
         """
         if self._backend.closed:
             raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
-        script = self._scripts.get(name)
-        if script is None:
-            text = load_script("breaker_lib") + "\n" + load_script(f"breaker_{name}")
-            script = self._scripts[name] = self._backend.client.register_script(text)
+        self._backend.check_fork()  # a fork the at-fork hooks missed (uWSGI)
+        script = self._backend.script(f"breaker_{name}")
         start = time.monotonic()
         for attempt in (1, 2):
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -480,15 +481,19 @@ def _translate(operation: str, exc: BaseException, address: str, attempts: int,
 _script_cache: dict[str, str] = {}
 
 
+_INCLUDE = re.compile(r"^-- include: ([a-z_]+)$", re.MULTILINE)
+
+
 def load_script(name: str) -> str:
-    """The text of ``flexisync/_scripts/<name>.lua`` (read once per process)."""
+    """The text of ``flexisync/_scripts/<name>.lua`` (read once per process).
+
+    A line ``-- include: other`` puts ``other.lua`` (helpers shared by a family of
+    scripts, e.g. ``lock_lib``) in front of the script, once.
+    """
     text = _script_cache.get(name)
     if text is None:
         text = resources.files("flexisync._scripts").joinpath(f"{name}.lua").read_text("utf-8")
+        for lib in dict.fromkeys(_INCLUDE.findall(text)):
+            text = load_script(lib) + "\n" + text
         _script_cache[name] = text
     return text
-
-
-def current_pid() -> int:
-    """``os.getpid()``; a seam for fork tests."""
-    return os.getpid()

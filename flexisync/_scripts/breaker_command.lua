@@ -1,3 +1,4 @@
+-- include: breaker_lib
 -- breaker_command: a manual transition.
 -- (KEYS and ARGV[1] as in breaker_lib.lua.)
 -- ARGV[2]  "trip" | "force_open" | "disable" | "reset"

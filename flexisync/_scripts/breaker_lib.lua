@@ -1,4 +1,4 @@
--- breaker_lib: helpers prepended to every other breaker_*.lua script (never run alone).
+-- breaker_lib: helpers included by every other breaker_*.lua script (never run alone).
 -- Every breaker script takes the same keys:
 -- KEYS[1]  the breaker's state HASH: state, version, epoch, failures, open_until,
 --          open_ms, opened_at, probe_ok, trips, changed_at

@@ -1,3 +1,4 @@
+-- include: breaker_lib
 -- breaker_probe: ask to run a call. Moves open -> half_open once the open period is
 -- over, and admits at most half_open_max_calls probes at once across every process,
 -- each holding a lease that expires (a probe whose worker died frees its slot).

@@ -1,3 +1,4 @@
+-- include: breaker_lib
 -- breaker_read: the breaker's shared state, without changing anything.
 -- (KEYS and ARGV[1] as in breaker_lib.lua.)
 -- ARGV[2]  window length in ms (for the failure-rate totals; "0" to skip them)

@@ -1,3 +1,4 @@
+-- include: breaker_lib
 -- breaker_record: count outcomes one process saw while the breaker was closed; opens it
 -- when the policy says so. Successes arrive aggregated (at most every 100 ms, or with
 -- the next failure of the same process); failures arrive one per call.

@@ -1,3 +1,4 @@
+-- include: breaker_lib
 -- breaker_settle: the outcome of a half-open probe. success_threshold successful probes
 -- close the breaker; a failed probe reopens it for twice the last open period (capped),
 -- or for the provider's retry-after if that is longer.

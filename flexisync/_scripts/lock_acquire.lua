@@ -1,3 +1,4 @@
+-- include: lock_lib
 -- lock_acquire: take a lock's lease and its next fencing token in one round trip.
 -- KEYS[1]  the lease (string; value = the owner token)
 -- KEYS[2]  the fencing counter (never expires)
@@ -25,13 +26,7 @@ local current = redis.call('GET', KEYS[1])
 if current == token then
   return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
 end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms)
-if #expired > 0 then
-  redis.call('ZREM', KEYS[3], unpack(expired))
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
-end
+local t, now_ms = prune_queue(KEYS[3], KEYS[4])
 if not current then
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   if head == nil or head == token then

@@ -1,3 +1,4 @@
+-- include: lock_lib
 -- lock_release: give up a lease if (and only if) this owner still holds it, and wake
 -- the waiters.
 -- KEYS[1]  the lease
@@ -16,13 +17,7 @@ end
 redis.call('DEL', KEYS[1])
 local message = ''
 if #KEYS == 3 then
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms)
-  if #expired > 0 then
-    redis.call('ZREM', KEYS[2], unpack(expired))
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
-  end
+  prune_queue(KEYS[2], KEYS[3])
   message = redis.call('ZRANGE', KEYS[2], 0, 0)[1] or ''
 end
 redis.call('PUBLISH', ARGV[2], message)
