@@ -203,7 +203,8 @@ def main() -> int:
     where = "local Redis" if url == DEFAULT_TEST_URL else url
     print(f"\nEvents and streams vs raw redis-py on {where} "
           f"({args.rounds} rounds, median round; latency n={args.latency_n}, "
-          f"throughput n={args.n})\n")
+          f"throughput n={args.n}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
     print("| measurement | flexisync | raw redis-py | flexisync / raw | |")
     print("|---|---:|---:|---:|---|")
     for label, mine, base, note in rows:

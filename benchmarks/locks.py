@@ -227,7 +227,8 @@ def main() -> int:
         client.close()
     base = results["flexisync"]
     print(f"\n### Locks: flexisync vs peers ({URL.rsplit('@', 1)[-1]}, "
-          f"{LOOP_WORKERS} workers, hold {HOLD * 1000:g} ms)\n")
+          f"{LOOP_WORKERS} workers, hold {HOLD * 1000:g} ms, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
     print("| library | acquire+release µs | handoff p50 ms | handoff p99 ms "
           "| worst wait, 8 workers looping | acquisitions/s |")
     print("|---|---|---|---|---|---|")
@@ -244,7 +245,7 @@ def main() -> int:
           f"{LOOP_WORKERS - 1}).")
     fair = results["flexisync fair"]
     checks = {
-        "handoff p50 <= 0.5 ms": base["p50"] <= 0.5,
+        "handoff p50 <= 0.35 ms": base["p50"] <= 0.35,
         "handoff p50 >= 10x better than redis-py Lock":
             results["redis-py Lock"]["p50"] >= 10 * base["p50"],
         "uncontended no slower than redis-py Lock":

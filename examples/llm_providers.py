@@ -65,8 +65,9 @@ def fake_completion(prompt: str, started: float, call: int) -> str:
 
 def worker(index: int, url: str, namespace: str, started: float) -> None:
     """Call the provider every PACE seconds for DURATION seconds, through the breaker."""
-    # flexisync logs every transition (breaker.opened, ...); only errors here, so that
-    # the output shows what each worker sees.
+    # flexisync logs each transition once, in the worker whose call made it
+    # (breaker.opened at warning; the others log breaker.mirrored at debug). Only
+    # errors here, so that the output shows what each worker sees.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     sync = flexisync.connect(url, namespace=namespace)
     breaker = sync.breaker(

@@ -18,6 +18,11 @@ Endpoints:
 Run as many server processes as you like (under gunicorn with uvicorn workers, or
 several pods): the stream lives in Redis, so every process serves the same events and a
 browser that reconnects to another process resumes without loss or duplicates.
+
+Shutting down (SIGTERM, Ctrl-C) ends every open event stream within about a second:
+the server sets a ``threading.Event`` that ``event_stream(stop=...)`` watches, so
+uvicorn's graceful shutdown is not held up by clients that never hang up, and the
+browsers reconnect (to another process, or to this one restarted) where they left off.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import contextlib
 import json
 import os
 import pathlib
+import signal
 import threading
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -44,16 +51,20 @@ PAGE = pathlib.Path(__file__).with_name("sse_page.html")
 
 
 def build_app(sync: flexisync.Coordinator, stream_name: str, *,
-              heartbeat: float = 15.0) -> Starlette:
-    """The Starlette app serving ``stream_name`` of ``sync``."""
+              heartbeat: float = 15.0, stopping: threading.Event | None = None) -> Starlette:
+    """The Starlette app serving ``stream_name`` of ``sync``.
+
+    ``stopping``, once set (at server shutdown), ends every open event stream.
+    """
     stream = sync.stream(stream_name, maxlen=10_000)
 
     def frames(last_event_id: str | None, until: str | None) -> Iterator[str]:
-        stop = (lambda event: event.type == until) if until else None
+        done = (lambda event: event.type == until) if until else None
         after = last_event_id
         while True:
             try:
-                yield from event_stream(stream, after, heartbeat=heartbeat, until=stop)
+                yield from event_stream(stream, after, heartbeat=heartbeat, until=done,
+                                        stop=stopping)
                 return
             except flexisync.EventsTrimmed as exc:
                 # The client was away longer than the stream retains: say so, and go on
@@ -100,6 +111,29 @@ def build_app(sync: flexisync.Coordinator, stream_name: str, *,
     ])
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which also tells the open event streams that it is stopping.
+
+    uvicorn's graceful shutdown waits for every response to finish, and an event stream
+    never finishes by itself: ``stopping`` makes them end.
+    """
+
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+
+
+def _exit_cleanly(_sig: int, _frame: FrameType | None) -> None:
+    # uvicorn re-raises the signal it handled once it has shut down; ending by
+    # SystemExit (not by the default handler) lets the ExitStack close the Coordinator
+    # and stop a throwaway redis-server.
+    raise SystemExit(0)
+
+
 def produce(sync: flexisync.Coordinator, stream_name: str, every: float,
             stop: threading.Event) -> None:
     """Append a ``tick`` event every ``every`` seconds until ``stop`` is set."""
@@ -127,18 +161,24 @@ def main() -> None:
         if not url:
             from flexisync.embedded import start
 
-            server = stack.enter_context(start())
-            url = server.url
-            print(f"no FLEXISYNC_URL: started a throwaway redis-server at {url}")
+            redis_server = stack.enter_context(start())
+            url = redis_server.url
+            print(f"no FLEXISYNC_URL: started a throwaway redis-server at {url}", flush=True)
         sync = stack.enter_context(flexisync.connect(url, namespace=args.namespace))
         stop = threading.Event()
         stack.callback(stop.set)
         if args.produce > 0:
             threading.Thread(target=produce, args=(sync, args.stream, args.produce, stop),
                              name="producer", daemon=True).start()
-        app = build_app(sync, args.stream, heartbeat=args.heartbeat)
+        stopping = threading.Event()
+        stack.callback(stopping.set)
+        app = build_app(sync, args.stream, heartbeat=args.heartbeat, stopping=stopping)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _exit_cleanly)
         print(f"serving stream {args.stream!r} on http://{args.host}:{args.port}/", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        Server(config, stopping).run()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,15 @@ and a circuit breaker whose state every process mirrors.
     sync = flexisync.connect("redis://localhost:6379/0")
     providers = sync.state("providers", ttl=60.0)
 
-Importing flexisync opens no connection and starts no thread.
+Importing flexisync opens no connection and starts no thread. The submodules
+``flexisync.sse``, ``flexisync.embedded`` and ``flexisync.testing`` are reachable as
+attributes after ``import flexisync`` alone; they are imported on first use.
 """
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 from flexisync._connection import RetryPolicy
 from flexisync.breaker import BreakerInfo, BreakerPolicy, BreakerStats, CircuitBreaker
@@ -27,6 +32,7 @@ from flexisync.errors import (
     LockLostError,
     LockNotOwnedError,
     LockTimeout,
+    UnknownResumePoint,
 )
 from flexisync.events import Event, EventBus, Subscription, SubscriptionStats
 from flexisync.locks import Lock, LockInfo
@@ -65,4 +71,14 @@ __all__ = [
     "LockLostError",
     "LockNotOwnedError",
     "LockTimeout",
+    "UnknownResumePoint",
 ]
+
+_LAZY_SUBMODULES = frozenset({"embedded", "sse", "testing"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import ``flexisync.sse``, ``flexisync.embedded`` and ``flexisync.testing`` on use."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"flexisync.{name}")
+    raise AttributeError(f"module 'flexisync' has no attribute {name!r}")

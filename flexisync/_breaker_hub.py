@@ -7,8 +7,23 @@ breaker use, stopped by ``Coordinator.close()`` and rebuilt lazily after ``fork(
 * every 100 ms flushes the successes each breaker aggregated on its hot path;
 * re-reads each breaker's shared state every ``refresh_interval`` seconds, and at once
   when the listener lost its connection, so a missed message is repaired;
-* while Redis is unreachable, checks every half second whether it is back and lets the
-  breakers reconcile.
+* while Redis is unreachable, checks every half second, with one PING for all the
+  Coordinator's breakers, whether it is back, and then lets the breakers reconcile.
+
+Backend-down fast path: the first breaker round trip that finds Redis unreachable marks
+the hub down; from then on every breaker script of this Coordinator fails at once
+(:meth:`Hub.run` raises without any I/O), so callers go to their ``on_backend_error``
+mode without waiting, until the background PING sees Redis again. No lock is held
+across a round trip, so concurrent failing calls never queue behind each other.
+
+Breakers are held weakly (plus the few most recently asked for, and those with
+``on_state_change`` callbacks), so names that are no longer used cost nothing.
+
+Fork detection without Python's at-fork hooks (uWSGI forks from C): :data:`FORK_MARK`
+is a byte in a page the kernel wipes in a forked child (``MADV_WIPEONFORK``); the hot
+path reads it (about 20 ns), and a child that finds it zero resets every Coordinator
+that owns breakers before it decides anything. Where the kernel cannot wipe a page,
+a pid comparison stands in (slower, same result).
 
 It also runs the breaker Lua scripts: each is ``breaker_lib.lua`` followed by the
 operation's own file, registered once per client and run by EVALSHA.
@@ -16,9 +31,13 @@ operation's own file, registered once per client and run by EVALSHA.
 
 from __future__ import annotations
 
+import collections
+import mmap
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,14 +51,80 @@ if TYPE_CHECKING:
     from flexisync.breaker import CircuitBreaker
     from flexisync.coordinator import Coordinator
 
-__all__ = ["FLUSH_INTERVAL", "Hub", "hub_of"]
+__all__ = ["FLUSH_INTERVAL", "FORK_MARK", "RECENT", "RECHECK_INTERVAL", "Hub",
+           "MalformedRecord", "detect_fork", "hub_of"]
 
 FLUSH_INTERVAL = 0.1  # seconds between flushes of aggregated successes
 RECHECK_INTERVAL = 0.5  # seconds between checks whether Redis is back
+RECENT = 128  # breakers kept alive after their last user dropped them (cheap re-asks)
+_MADV_WIPEONFORK = 18  # Linux >= 4.14; Python's mmap module does not name it
+MALFORMED = "FLEXISYNC_MALFORMED"
+
+
+class MalformedRecord(BackendError):
+    """A breaker's record in Redis holds data flexisync did not write (and so cannot
+    trust); the script that found it changed nothing.
+
+    Attributes:
+        defects: what is wrong, as short descriptions naming flexisync's own fields.
+    """
+
+    def __init__(self, operation: str, defects: str) -> None:
+        self.defects = defects
+        super().__init__(operation, f"malformed breaker record: {defects}")
+
+
+class _PidMark:
+    """:data:`FORK_MARK` where the kernel cannot wipe a page on fork: compares pids."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+
+    def __getitem__(self, index: int) -> int:
+        return 1 if os.getpid() == self._pid else 0
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self._pid = os.getpid()
+
+
+def _new_fork_mark() -> Any:
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE,
+                         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # type: ignore[attr-defined,unused-ignore]
+        page.madvise(_MADV_WIPEONFORK)
+    except (AttributeError, OSError, ValueError):
+        return _PidMark()
+    page[0] = 1
+    return page
+
+
+#: Reads 1 in the process that imported flexisync, 0 in a child forked from it until
+#: the child handled the fork (:func:`detect_fork`, or the at-fork hook).
+FORK_MARK: Any = _new_fork_mark()
+_hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
+
+
+def detect_fork() -> None:
+    """Called when :data:`FORK_MARK` reads 0: this is a forked child. Resets every
+    Coordinator that owns breakers (new connections, threads, mirrors) if the at-fork
+    hooks did not already, then marks the fork handled."""
+    for hub in list(_hubs):
+        hub._backend.check_fork()
+    FORK_MARK[0] = 1
+
 
 def hub_of(coordinator: Coordinator) -> Hub:
     """The one :class:`Hub` of ``coordinator`` (built on first use)."""
     return coordinator._extension("breakers", Hub)
+
+
+class _Failed(Exception):
+    """Carries a failed attempt out of ``Backend.call`` without its retry loop."""
+
+    def __init__(self, exc: BaseException, attempts: int) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+        self.attempts = attempts
 
 
 class Hub:
@@ -49,15 +134,25 @@ class Hub:
         self._coordinator = coordinator
         self._backend = coordinator._backend
         self._log = get_logger("breaker", namespace=coordinator.namespace)
-        self._breakers: list[CircuitBreaker] = []
-        # one CircuitBreaker per (name, policy): see CircuitBreaker.__new__
-        self.instances: dict[tuple[str, Any], CircuitBreaker] = {}
+        self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        # One CircuitBreaker per (name, policy) while anyone holds it: see
+        # CircuitBreaker.__new__. ``_recent`` keeps the last few alive a while longer,
+        # so asking for a breaker on every request does not re-subscribe each time;
+        # ``_pinned`` keeps those with on_state_change callbacks.
+        self.instances: weakref.WeakValueDictionary[tuple[str, Any], CircuitBreaker] = \
+            weakref.WeakValueDictionary()
+        self._recent: collections.OrderedDict[tuple[str, Any], CircuitBreaker] = \
+            collections.OrderedDict()
+        self._pinned: set[CircuitBreaker] = set()
         self.instances_lock = threading.Lock()
         self._reconnect_hook: Callable[[], None] | None = None
         self._closed = False
+        self.down_since: float | None = None  # monotonic; None while Redis answers
+        self.recheck_at = 0.0
         self._reset_runtime()
         coordinator._on_close(self.close)
         coordinator._on_fork(self._after_fork)
+        _hubs.add(self)
 
     def _reset_runtime(self) -> None:
         self._lock = threading.Lock()
@@ -66,49 +161,133 @@ class Hub:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    # --- instances ------------------------------------------------------------------
+
+    def instance(self, key: tuple[str, Any], build: Callable[[], CircuitBreaker],
+                 ) -> CircuitBreaker:
+        """The live breaker for ``key`` (name, policy), built by ``build`` if none."""
+        with self.instances_lock:
+            found = self.instances.get(key)
+            if found is None:
+                found = self.instances[key] = build()
+            self._recent[key] = found
+            self._recent.move_to_end(key)
+            while len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
+        return found
+
+    def pin(self, breaker: CircuitBreaker) -> None:
+        """Keep ``breaker`` alive while the Coordinator is (it has callbacks to run)."""
+        with self.instances_lock:
+            self._pinned.add(breaker)
+
+    def release(self, registration: Any) -> None:
+        """Close a dead breaker's subscription on the hub thread (safe in a finalizer)."""
+        self._queue.put((registration.close, ()))
+
     # --- scripts --------------------------------------------------------------------
 
-    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+    @property
+    def down(self) -> bool:
+        """True while Redis is known to be unreachable (breakers use their fallback)."""
+        return self.down_since is not None
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+            fail_fast: bool = True) -> list[Any]:
         """Run ``breaker_<name>.lua`` once, retrying once at once on a dropped connection.
 
-        No backoff: a protected call must not wait for Redis; the caller degrades instead.
+        No backoff: a protected call must not wait for Redis; the caller degrades
+        instead. Every socket wait is capped by the retry policy's deadline. While the
+        hub is down this fails at once, without I/O, unless ``fail_fast`` is False (an
+        explicit command or read, which tries Redis and clears the mark on success).
 
         Raises:
-            BackendUnavailable: Redis could not be reached (or did not answer in time).
+            BackendUnavailable: Redis could not be reached (or did not answer in time),
+                now or by an earlier call that the background check has not cleared.
+            MalformedRecord: the stored record holds foreign data (nothing changed).
             BackendError: Redis rejected the script.
         """
         if self._backend.closed:
             raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
-        self._backend.check_fork()  # a fork the at-fork hooks missed (uWSGI)
+        since = self.down_since
+        if since is not None and fail_fast:
+            raise BackendUnavailable(
+                self._backend.address, attempts=0, elapsed=0.0,
+                reason=f"unreachable for {time.monotonic() - since:.3f}s; waiting for "
+                       "the background check")
         script = self._backend.script(f"breaker_{name}")
+
+        def attempt(_client: Any) -> list[Any]:
+            for number in (1, 2):
+                try:
+                    return list(script(keys=keys, args=args))
+                except (rexc.RedisError, OSError) as exc:
+                    if number == 2 or not is_transient(exc) \
+                            or isinstance(exc, (rexc.TimeoutError, TimeoutError)):
+                        raise _Failed(exc, number) from exc
+            raise AssertionError("unreachable")  # pragma: no cover
+
         start = time.monotonic()
-        for attempt in (1, 2):
+        try:
+            reply = self._backend.call(f"breaker.{name}", attempt)
+        except _Failed as failed:
+            exc = failed.exc
+            if not is_transient(exc):
+                text = str(exc)
+                if MALFORMED in text:
+                    defects = text.split(MALFORMED, 1)[1].split(" script: ", 1)[0]
+                    raise MalformedRecord(f"breaker.{name}",
+                                          defects.split("\n", 1)[0].strip()) from exc
+                raise BackendError(f"breaker.{name}", text) from exc
+            self.mark_down()
+            raise BackendUnavailable(
+                self._backend.address, attempts=failed.attempts,
+                elapsed=time.monotonic() - start,
+                reason=f"{type(exc).__name__}: {exc}") from exc
+        except BackendUnavailable:
+            self.mark_down()
+            raise
+        if since is not None:
+            self.down_since = None  # it answered: the background check need not wait
+        return reply
+
+    def mark_down(self) -> None:
+        """Redis was found unreachable: breakers fail fast until the background check."""
+        with self._lock:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.recheck_at = self.down_since + RECHECK_INTERVAL
+            self._ensure_thread()
+
+    def _recheck(self) -> None:
+        """One PING (on the hub thread) while down; clears the mark when it answers."""
+        self.recheck_at = time.monotonic() + RECHECK_INTERVAL
+
+        def ping(client: Any) -> None:
             try:
-                return list(script(keys=keys, args=args))
+                client.ping()
             except (rexc.RedisError, OSError) as exc:
-                if not is_transient(exc):
-                    raise BackendError(f"breaker.{name}", str(exc)) from exc
-                if attempt == 2 or isinstance(exc, (rexc.TimeoutError, TimeoutError)):
-                    raise BackendUnavailable(
-                        self._backend.address, attempts=attempt,
-                        elapsed=time.monotonic() - start,
-                        reason=f"{type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise _Failed(exc, 1) from exc
+
+        try:
+            self._backend.call("breaker.recheck", ping)
+        except (_Failed, BackendUnavailable):
+            return
+        self.down_since = None
 
     # --- registration ---------------------------------------------------------------
 
     def register(self, breaker: CircuitBreaker) -> None:
         """Include ``breaker`` in the periodic work and start the thread if needed."""
         with self._lock:
-            if breaker not in self._breakers:
-                self._breakers.append(breaker)
+            self._breakers.add(breaker)
             if self._reconnect_hook is None:
                 self._reconnect_hook = self._coordinator._listener.add_reconnect_hook(
                     self._on_reconnect)
             self._ensure_thread()
 
     def notify(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the hub thread, soon (used for state-change callbacks)."""
+        """Run ``fn(*args)`` on the hub thread, soon (callbacks, deferred releases)."""
         self._queue.put((fn, args))
         with self._lock:
             self._ensure_thread()
@@ -130,12 +309,17 @@ class Hub:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+        with self.instances_lock:
+            self._recent.clear()
+            self._pinned.clear()
 
     def _after_fork(self) -> None:
         self.instances_lock = threading.Lock()
         self._reset_runtime()  # the listener kept our reconnect hook: not added again
+        self.down_since = None  # the child finds out for itself
         for breaker in list(self.instances.values()):
             breaker._after_fork()
+        FORK_MARK[0] = 1
 
     def _on_reconnect(self) -> None:
         # On the listener thread: only mark; the hub thread does the reads.
@@ -159,21 +343,29 @@ class Hub:
                     fn(*args)
                 except Exception:
                     self._log.exception("breaker.callback_failed")
+                del fn, args  # hold nothing (a breaker's bound method) until the next item
                 if time.monotonic() < next_tick:
                     continue
             if self._stop.is_set():
                 break
             now = time.monotonic()
             next_tick = now + FLUSH_INTERVAL
+            if self.down_since is not None and now >= self.recheck_at:
+                self._recheck()
             listener = self._coordinator._listener_obj
             connected = listener is None or listener.connected
             lost = was_connected and not connected
             was_connected = connected
-            for breaker in list(self._breakers):
-                try:
-                    breaker._tick(now, check_now=lost)
-                except Exception:
-                    self._log.exception("breaker.tick_failed", breaker=breaker.name)
+            self._tick_all(now, lost=lost)
+
+    def _tick_all(self, now: float, *, lost: bool) -> None:
+        # A method of its own: the loop's references end with it, so a breaker nobody
+        # else holds is not kept alive by this thread until the next tick.
+        for breaker in list(self._breakers):
+            try:
+                breaker._tick(now, check_now=lost)
+            except Exception:
+                self._log.exception("breaker.tick_failed", breaker=breaker.name)
 
 
 def _noop() -> None:

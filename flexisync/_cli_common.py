@@ -1,4 +1,11 @@
-"""Helpers shared by the ``flexisync`` command's subcommands: connecting, printing."""
+"""Helpers shared by the ``flexisync`` command's subcommands: connecting, printing.
+
+The ``--json`` rule, for every command: a one-shot command prints exactly one JSON
+document on stdout (:func:`print_json`); a streaming command (``events tail``,
+``stream read --follow``) prints JSON Lines, one document per event, flushed as each
+arrives (:func:`print_json_line`). A command that fails prints its one-line error on
+stderr and nothing on stdout, except ``doctor --json``, whose report is the document.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from typing import Any
 
 from flexisync._connection import RetryPolicy
 from flexisync.coordinator import Coordinator, connect
-from flexisync.errors import FlexiSyncError
+from flexisync.errors import BackendUnavailable, ConfigError, FlexiSyncError
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -21,10 +28,13 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "coordinator_for",
+    "describe",
     "error",
     "format_seconds",
+    "not_found",
     "parse_json",
     "print_json",
+    "print_json_line",
     "print_table",
     "text",
 ]
@@ -47,6 +57,24 @@ class UsageError(FlexiSyncError):
 def error(message: str) -> None:
     """Print ``flexisync: error: message`` to stderr."""
     print(f"flexisync: error: {message}", file=sys.stderr)
+
+
+def describe(exc: FlexiSyncError) -> tuple[str, int]:
+    """The one-line message and the exit code that report ``exc`` on the command line.
+
+    The message never contains a password: errors carry redacted addresses only.
+    """
+    if isinstance(exc, BackendUnavailable):
+        return (f"cannot reach Redis at {exc.address}"
+                + (f" ({exc.reason})" if exc.reason else ""), EXIT_UNAVAILABLE)
+    code = EXIT_USAGE if isinstance(exc, (ConfigError, UsageError)) else EXIT_PROBLEM
+    return str(exc), code
+
+
+def not_found(message: str) -> int:
+    """Report a missing key, stream or breaker on stderr; returns :data:`EXIT_PROBLEM`."""
+    error(message)
+    return EXIT_PROBLEM
 
 
 def coordinator_for(args: argparse.Namespace, url: str | None = None) -> Coordinator:
@@ -74,8 +102,16 @@ def parse_json(value: str, what: str) -> Any:
 
 
 def print_json(value: Any) -> None:
-    """Print ``value`` as one line of JSON (infinities become ``null``)."""
-    print(json.dumps(_finite(value), sort_keys=True, default=str))
+    """Print ``value`` as the one JSON document of a one-shot command (infinities: ``null``).
+
+    A one-shot command calls this exactly once per invocation.
+    """
+    print(json.dumps(_finite(value), sort_keys=True, default=str), flush=True)
+
+
+def print_json_line(value: Any) -> None:
+    """Print ``value`` as one line of a JSON Lines stream, flushed at once."""
+    print(json.dumps(_finite(value), sort_keys=True, default=str), flush=True)
 
 
 def _finite(value: Any) -> Any:

@@ -7,23 +7,29 @@ Checks, each reported as ``ok``, ``info``, ``warn`` or ``fail``:
 * eviction: ``maxmemory-policy`` must be ``noeviction``, because an evicted lock key is
   a lock two workers both believe they hold;
 * persistence: what survives a restart (informational: without persistence a restart
-  forgets held locks, breaker state, streams and fencing counters);
+  forgets held locks, breaker state and streams);
 * replication: a read-only replica fails; a master with replicas gets a note that a
   failover with asynchronous replication can lose a lock;
-* permissions: every command flexisync sends, checked with ``ACL DRYRUN`` (Redis 7+)
-  when allowed, otherwise by running each one on a throwaway key of the namespace.
+* permissions: every command flexisync sends (directly, inside its Lua scripts, or
+  while connecting: ``SELECT`` for a database other than 0, ``CLIENT SETNAME`` with a
+  ``client_name``), checked with ``ACL DRYRUN`` (Redis 7+) when allowed, otherwise by
+  running each one on a throwaway key of the namespace (``SELECT``, ``CLIENT`` and the
+  pub/sub commands on a connection of their own, closed afterwards);
+* topics: Redis grants a ``PSUBSCRIBE`` pattern only when the ACL lists that pattern
+  literally (``&flexisync:*`` does not cover ``flexisync:events:jobs.*``), so each glob
+  topic given with ``--topic`` is checked, and without one the report says so.
 
 The exit code is 1 when any check warns or fails, so ``flexisync doctor`` can gate a
-deployment.
+deployment; 3 when Redis does not answer at all (``--json`` still prints a report).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -33,13 +39,15 @@ from flexisync._cli_common import (
     EXIT_OK,
     EXIT_PROBLEM,
     coordinator_for,
+    describe,
     print_json,
     print_table,
     text,
 )
 from flexisync._connection import Backend
+from flexisync._keys import is_pattern, validate_pattern
 from flexisync.coordinator import Coordinator
-from flexisync.errors import BackendError
+from flexisync.errors import BackendError, FlexiSyncError
 
 __all__ = ["COMMANDS", "Check", "diagnose", "recommended_acl", "run_doctor"]
 
@@ -60,36 +68,62 @@ class Check:
 def run_doctor(args: argparse.Namespace) -> int:
     """Run every check and print the report; 1 when something needs attention.
 
+    With ``--json`` a report is printed even when Redis cannot be reached or the URL is
+    malformed (``"ok": false`` and the error), before the error propagates to the
+    command's error line and exit code.
+
     Raises:
+        ConfigError: malformed URL, namespace or ``--topic``.
         BackendUnavailable: Redis does not answer at all.
     """
-    with coordinator_for(args) as sync:
-        checks = diagnose(sync)
-        problems = [c for c in checks if c.status in ("warn", "fail")]
+    sync: Coordinator | None = None
+    try:
+        topics = [validate_pattern(t, "topic") for t in args.topics]
+        sync = coordinator_for(args)
+        with sync:
+            checks = diagnose(sync, topics=topics)
+    except FlexiSyncError as exc:
         if args.json:
-            print_json({"url": sync.url, "namespace": sync.namespace,
-                        "ok": not problems, "checks": [asdict(c) for c in checks]})
-        else:
-            print(f"flexisync doctor: {sync.url} (namespace {sync.namespace!r})")
-            print_table(["status", "check", "detail"],
-                        [(c.status.upper() if c.status in ("warn", "fail") else c.status,
-                          c.name, c.detail) for c in checks])
-            print(f"{len(problems)} problem(s) found." if problems else "All checks passed.")
+            message, _ = describe(exc)
+            print_json({"url": sync.url if sync is not None else None,
+                        "namespace": args.namespace, "ok": False, "error": message,
+                        "checks": [asdict(Check("connection", "fail", message))]})
+        raise
+    problems = [c for c in checks if c.status in ("warn", "fail")]
+    if args.json:
+        print_json({"url": sync.url, "namespace": sync.namespace, "ok": not problems,
+                    "error": None, "checks": [asdict(c) for c in checks]})
+    else:
+        print(f"flexisync doctor: {sync.url} (namespace {sync.namespace!r})")
+        print_table(["status", "check", "detail"],
+                    [(c.status.upper() if c.status in ("warn", "fail") else c.status,
+                      c.name, c.detail) for c in checks])
+        print(f"{len(problems)} problem(s) found." if problems else "All checks passed.")
     return EXIT_PROBLEM if problems else EXIT_OK
 
 
-def diagnose(sync: Coordinator) -> list[Check]:
+def diagnose(sync: Coordinator, *, topics: Sequence[str] = ()) -> list[Check]:
     """Run the checks against ``sync``'s Redis, in report order.
+
+    Args:
+        topics: topics and glob patterns the application subscribes to, checked
+            against the ACL's channel rules.
 
     Raises:
         BackendUnavailable: Redis does not answer a PING.
     """
     backend = sync._backend
-    rtts = [backend.ping() for _ in range(PINGS)]
+    try:
+        rtts = [backend.ping() for _ in range(PINGS)]
+    except BackendError as exc:  # e.g. NOPERM for the SELECT or CLIENT SETNAME of connecting
+        # (BackendUnavailable is not a BackendError: it propagates, exit 3)
+        return [Check("connection", "fail", f"connecting failed: {exc.reason}. An ACL that "
+                                            "grants what flexisync needs: "
+                                            + recommended_acl(sync.namespace, topics=topics))]
     info = _info(backend)
     checks = [_server(info), _latency(rtts), _eviction(backend, info),
               _persistence(backend, info), _replication(info)]
-    checks.append(_permissions(backend, sync.namespace))
+    checks.extend(_permissions(backend, sync.namespace, topics))
     return checks
 
 
@@ -183,8 +217,8 @@ def _persistence(backend: Backend, info: dict[str, Any]) -> Check:
         return Check("persistence", "info", f"{known}; RDB snapshot schedule unknown "
                                             "(CONFIG not permitted)")
     return Check("persistence", "info",
-                 "none: a restart forgets held locks, breaker states, streams and "
-                 "fencing counters (tokens start again from 1)")
+                 "none: a restart forgets held locks, breaker states and streams "
+                 "(fencing tokens keep increasing: they follow the server's clock)")
 
 
 def _replication(info: dict[str, Any]) -> Check:
@@ -204,25 +238,53 @@ def _replication(info: dict[str, Any]) -> Check:
 # --- permissions ---------------------------------------------------------------------
 
 
-# The commands flexisync sends (directly or inside its Lua scripts), as an ACL rule.
+@dataclass(frozen=True)
+class _Probe:
+    """One command flexisync sends: its ACL rule name and a harmless invocation."""
+
+    acl: str
+    command: tuple[str, ...]
+
+
+# The commands flexisync sends, directly, inside its Lua scripts (the tests compare this
+# with the scripts) or while connecting, as ACL rule names. ``info`` is for the doctor
+# only; ``select`` is sent for a database other than 0, ``client|setname`` with a
+# ``client_name`` option. redis-py's CLIENT SETINFO on connecting is left out: its
+# refusal is ignored, and the command does not exist before Redis 7.2 (an ACL naming it
+# would not load there). No transaction (MULTI/EXEC) is used: every multi-key change is
+# one Lua script.
 COMMANDS = [
-    "ping", "time", "info", "get", "set", "mget", "del", "unlink", "exists", "incr",
-    "incrby", "pttl", "pexpire", "hget", "hset", "hsetnx", "hdel", "hincrby", "hgetall",
-    "zadd", "zrem", "zcard", "zcount", "zrange", "zrangebyscore", "zremrangebyscore",
-    "xadd", "xrange", "xrevrange", "xread", "xlen", "xinfo|stream", "scan", "eval",
-    "evalsha", "script|load", "publish", "subscribe", "psubscribe", "unsubscribe",
-    "punsubscribe",
+    "ping", "time", "info", "select", "client|setname", "type", "get",
+    "set", "mget", "del", "exists", "incrby", "pttl", "pexpire", "persist", "hget", "hset",
+    "hsetnx", "hdel", "hincrby", "hgetall", "hvals", "zadd", "zrem", "zscore", "zcard",
+    "zcount", "zrange", "zrangebyscore", "zremrangebyscore", "xadd", "xrange", "xrevrange",
+    "xread", "xlen", "xinfo|stream", "scan", "evalsha", "script|load",
+    "publish", "subscribe", "psubscribe", "unsubscribe", "punsubscribe",
 ]
 
+# Sent on a connection of their own (closed afterwards), with the command that undoes
+# them where there is one: they change the connection's mode, name or database.
+_SESSION: dict[str, str | None] = {"SUBSCRIBE": "UNSUBSCRIBE", "PSUBSCRIBE": "PUNSUBSCRIBE",
+                                   "SELECT": None, "CLIENT": None}
 
-def recommended_acl(namespace: str = "flexisync", user: str = "app") -> str:
-    """An ``ACL SETUSER`` line granting exactly what flexisync needs under ``namespace``."""
+
+def recommended_acl(namespace: str = "flexisync", user: str = "app", *,
+                    topics: Sequence[str] = ()) -> str:
+    """An ``ACL SETUSER`` line granting exactly what flexisync needs under ``namespace``.
+
+    Args:
+        topics: the glob topics the application subscribes to; Redis grants a
+            ``PSUBSCRIBE`` pattern only when it is listed literally, so each gets its
+            own ``&<namespace>:events:<pattern>``.
+    """
+    globs = "".join(f" &{namespace}:events:{t}" for t in topics if is_pattern(t))
     return (f"ACL SETUSER {user} on >CHANGE-ME resetkeys resetchannels "
-            f"~{namespace}:* &{namespace}:* -@all "
+            f"~{namespace}:* &{namespace}:*{globs} -@all "
             + " ".join("+" + c for c in COMMANDS))
 
 
-def _needed(namespace: str) -> list[tuple[str, ...]]:
+def _needed(namespace: str, *, db: int = 0, client_name: str | None = None,
+            ) -> list[_Probe]:
     """Every command flexisync sends, with arguments shaped like its real keys.
 
     Ordered so that, when run for real, each finds the key type it expects.
@@ -230,13 +292,15 @@ def _needed(namespace: str) -> list[tuple[str, ...]]:
     key = f"{namespace}:doctor:{{probe-{uuid.uuid4().hex[:8]}}}"
     chan = f"{namespace}:events:doctor"
     h, z, s = key + ":h", key + ":z", key + ":s"
-    return [
-        ("PING",), ("TIME",), ("GET", key), ("SET", key, "1", "PX", "60000"), ("MGET", key),
-        ("EXISTS", key), ("PTTL", key), ("PEXPIRE", key, "60000"),
-        ("INCR", key + ":n"), ("INCRBY", key + ":n", "1"),
+    commands = [
+        ("PING",), ("TIME",), ("INFO", "server"), ("SELECT", str(db)),
+        ("CLIENT", "SETNAME", client_name or "flexisync-doctor"),
+        ("TYPE", key), ("GET", key), ("SET", key, "1", "PX", "60000"), ("MGET", key),
+        ("EXISTS", key), ("PTTL", key), ("PEXPIRE", key, "60000"), ("PERSIST", key),
+        ("INCRBY", key + ":n", "1"),
         ("HSET", h, "f", "1"), ("HSETNX", h, "g", "1"), ("HGET", h, "f"),
-        ("HINCRBY", h, "f", "1"), ("HGETALL", h), ("HDEL", h, "g"),
-        ("ZADD", z, "1", "m"), ("ZCARD", z), ("ZCOUNT", z, "-inf", "+inf"),
+        ("HINCRBY", h, "f", "1"), ("HGETALL", h), ("HVALS", h), ("HDEL", h, "g"),
+        ("ZADD", z, "1", "m"), ("ZSCORE", z, "m"), ("ZCARD", z), ("ZCOUNT", z, "-inf", "+inf"),
         ("ZRANGE", z, "0", "-1"), ("ZRANGEBYSCORE", z, "-inf", "+inf"),
         ("ZREMRANGEBYSCORE", z, "-inf", "0"), ("ZREM", z, "m"),
         ("XADD", s, "MAXLEN", "~", "10", "*", "f", "v"), ("XRANGE", s, "-", "+"),
@@ -245,53 +309,149 @@ def _needed(namespace: str) -> list[tuple[str, ...]]:
         ("SCAN", "0", "MATCH", f"{namespace}:*", "COUNT", "10"),
         ("SCRIPT", "LOAD", "return 1"),
         ("EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "1", key),
-        ("EVAL", "return 1", "1", key),
-        ("PUBLISH", chan, "doctor"), ("SUBSCRIBE", chan), ("PSUBSCRIBE", f"{namespace}:*"),
-        ("DEL", key), ("UNLINK", key + ":n", h, z, s),
+        ("PUBLISH", chan, "doctor"), ("SUBSCRIBE", chan), ("UNSUBSCRIBE", chan),
+        ("PSUBSCRIBE", f"{namespace}:events:*"), ("PUNSUBSCRIBE", f"{namespace}:events:*"),
+        ("DEL", key, key + ":n", h, z, s),
     ]
+    names = {"XINFO": "xinfo|stream", "SCRIPT": "script|load"}
+    probes = []
+    for command in commands:
+        name = command[0]
+        acl = (f"client|{command[1].lower()}" if name == "CLIENT"
+               else names.get(name, name.lower()))
+        probes.append(_Probe(acl, command))
+    return probes
 
 
-def _permissions(backend: Backend, namespace: str) -> Check:
-    commands = _needed(namespace)
-    denied = _dry_run(backend, commands)
-    how = "ACL DRYRUN"
-    if denied is None:
-        denied = _probe(backend, commands)
-        how = "running each once"
+def _topic_probes(namespace: str, topics: Sequence[str]) -> list[_Probe]:
+    return [_Probe("psubscribe", ("PSUBSCRIBE", f"{namespace}:events:{t}")) if is_pattern(t)
+            else _Probe("subscribe", ("SUBSCRIBE", f"{namespace}:events:{t}"))
+            for t in topics]
+
+
+def _permissions(backend: Backend, namespace: str, topics: Sequence[str]) -> list[Check]:
+    kwargs = _connection_kwargs(backend)
+    probes = _needed(namespace, db=int(kwargs.get("db") or 0),
+                     client_name=kwargs.get("client_name"))
+    checked = _topic_probes(namespace, topics)
+    denials, how = _denials(backend, [*probes, *checked])
+    denied: list[str] = []
+    glob_denial: str | None = None
+    for probe, failure in zip(probes, denials, strict=False):
+        if failure is None:
+            continue
+        if probe.acl == "psubscribe" and _channel_denial(failure):
+            glob_denial = failure  # the command is allowed; this sample pattern is not
+            continue
+        denied.append(f"{probe.command[0]}"
+                      + (f" {probe.command[1]}" if probe.command[0] == "CLIENT" else "")
+                      + f": {failure}")
     if denied:
-        return Check("permissions", "fail",
-                     "denied: " + "; ".join(denied) + ". An ACL that grants what flexisync "
-                     "needs: " + recommended_acl(namespace))
-    return Check("permissions", "ok",
-                 f"all {len(commands)} commands flexisync uses are allowed ({how})")
+        permissions = Check(
+            "permissions", "fail",
+            f"denied ({how}): " + "; ".join(denied) + ". An ACL that grants what flexisync "
+            "needs: " + recommended_acl(namespace, topics=topics))
+    else:
+        permissions = Check("permissions", "ok",
+                            f"all {len(probes)} commands flexisync uses are allowed ({how})")
+    return [permissions, _topics(namespace, topics, denials[len(probes):], glob_denial)]
 
 
-def _dry_run(backend: Backend, commands: list[tuple[str, ...]]) -> list[str] | None:
+def _topics(namespace: str, topics: Sequence[str], denials: Sequence[str | None],
+            glob_denial: str | None) -> Check:
+    refused = [t for t, failure in zip(topics, denials, strict=True) if failure is not None]
+    if refused:
+        grants = " ".join(f"&{namespace}:events:{t}" for t in refused)
+        return Check("topics", "fail", "cannot subscribe to " + ", ".join(map(repr, refused))
+                     + f": add {grants} to the user's ACL (Redis grants a PSUBSCRIBE "
+                       "pattern only when the ACL lists it literally)")
+    if topics:
+        return Check("topics", "ok", "may subscribe to " + ", ".join(map(repr, topics)))
+    if glob_denial is None:
+        return Check("topics", "ok", "any topic and glob pattern may be subscribed to")
+    return Check("topics", "info",
+                 "exact topics are allowed; a glob topic (jobs.*) needs its pattern granted "
+                 f"literally, &{namespace}:events:<pattern>: check each with --topic")
+
+
+def _channel_denial(failure: str) -> bool:
+    return "channel" in failure.lower()
+
+
+def _connection_kwargs(backend: Backend) -> dict[str, Any]:
+    pool = getattr(backend.client, "connection_pool", None)
+    return dict(getattr(pool, "connection_kwargs", {}) or {})
+
+
+def _denials(backend: Backend, probes: list[_Probe]) -> tuple[list[str | None], str]:
+    """For each probe, ``None`` when allowed, else why not; and how that was found."""
+    found = _dry_run(backend, probes)
+    if found is not None:
+        return found, "ACL DRYRUN"
+    results: dict[tuple[str, ...], str | None] = {}
+    for probe in probes:
+        if probe.command in results:  # (P)UNSUBSCRIBE: sent with its (P)SUBSCRIBE
+            continue
+        if probe.command[0] in _SESSION:
+            results.update(_probe_session(backend, probe.command))
+        else:
+            results[probe.command] = _probe(backend, probe.command)
+    return [results.get(p.command) for p in probes], "running each once"
+
+
+def _dry_run(backend: Backend, probes: list[_Probe]) -> list[str | None] | None:
     """Denials found by ``ACL DRYRUN``; ``None`` when DRYRUN is unavailable or denied."""
     try:
         user = text(backend.call("doctor.acl", lambda c: c.execute_command("ACL", "WHOAMI")))
-        denied = []
-        for command in commands:
-            reply = text(backend.call("doctor.acl", _runner("ACL", "DRYRUN", user, *command)))
-            if reply != "OK":
-                denied.append(f"{command[0]}: {reply}")
+        found: list[str | None] = []
+        for probe in probes:
+            reply = text(backend.call("doctor.acl",
+                                      _runner("ACL", "DRYRUN", user, *probe.command)))
+            found.append(None if reply == "OK" else reply)
     except BackendError:  # Redis < 7, or the user may not run ACL commands
         return None
-    return denied
+    return found
 
 
-def _probe(backend: Backend, commands: list[tuple[str, ...]]) -> list[str]:
-    """Run each command for real on throwaway keys; the ones refused for permission."""
-    denied = []
-    for command in commands:
-        name = command[0]
-        if name in ("SUBSCRIBE", "PSUBSCRIBE"):
-            failure = _probe_subscribe(backend, name, command[1])
-        else:
-            failure = _attempt(_runner(*command), backend)
-        if failure is not None:
-            denied.append(f"{name}: {failure}")
-    return denied
+def _probe(backend: Backend, command: tuple[str, ...]) -> str | None:
+    """Run one command for real on throwaway keys; why it was refused, or ``None``."""
+    try:
+        backend.call("doctor.probe", _runner(*command))
+    except BackendError as exc:
+        return None if "NOSCRIPT" in exc.reason else exc.reason
+    return None
+
+
+def _probe_session(backend: Backend, command: tuple[str, ...],
+                   ) -> dict[tuple[str, ...], str | None]:
+    """Run ``command`` and the one undoing it on a fresh connection, closed after.
+
+    Only a permission error counts as a refusal: any other error reply has passed the
+    ACL. Returns the outcome of each command sent.
+    """
+    follow_name = _SESSION[command[0]]
+    sent = [command] if follow_name is None else [command, (follow_name, *command[1:])]
+    outcome: dict[tuple[str, ...], str | None] = {}
+    pool = backend.client.connection_pool
+    conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": 2.0})
+    try:
+        for one in sent:
+            conn.send_command(*one)
+            try:
+                conn.read_response()
+            except rexc.NoPermissionError as exc:
+                outcome[one] = str(exc)
+            except rexc.ResponseError:
+                outcome[one] = None
+            else:
+                outcome[one] = None
+    except (rexc.RedisError, OSError) as exc:
+        failure = f"no answer ({type(exc).__name__}: {exc})"
+        return {one: outcome.get(one, failure) for one in sent}
+    finally:
+        with contextlib.suppress(rexc.RedisError, OSError):
+            conn.disconnect()
+    return outcome
 
 
 def _runner(*command: str) -> Callable[[Any], Any]:
@@ -299,32 +459,3 @@ def _runner(*command: str) -> Callable[[Any], Any]:
         return client.execute_command(*command)
 
     return run
-
-
-def _attempt(fn: Callable[[Any], Any], backend: Backend) -> str | None:
-    try:
-        backend.call("doctor.probe", fn)
-    except BackendError as exc:
-        return None if "NOSCRIPT" in exc.reason else exc.reason
-    return None
-
-
-def _probe_subscribe(backend: Backend, command: str, target: str) -> str | None:
-    pubsub = backend.client.pubsub()
-    try:
-        if command == "SUBSCRIBE":
-            pubsub.subscribe(target)
-        else:
-            pubsub.psubscribe(target)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.2)
-            if message is not None and text(message.get("type")).endswith("subscribe"):
-                return None
-        return "no confirmation within 2 s"
-    except rexc.NoPermissionError as exc:
-        return str(exc)
-    except rexc.ResponseError as exc:
-        return str(exc)
-    finally:
-        pubsub.close()

@@ -4,19 +4,28 @@ Every Redis call a public method makes goes through :meth:`Backend.call` (or
 :meth:`Backend.script`), which
 
 * runs the call directly when nothing fails (no retry machinery on the hot path);
-* retries transient connection errors with bounded, jittered exponential backoff
-  (tenacity), but retries a non-idempotent call only when the error happened while
-  connecting, so the command was never sent;
-* translates what is left into flexisync errors with ``raise ... from exc``.
+* bounds its wall time: one absolute deadline per call (``RetryPolicy.deadline``, or a
+  sooner one the caller passes) caps every socket wait of every attempt, through a
+  connection class that narrows the socket timeout to the time left;
+* retries transient connection errors with jittered exponential backoff spread over
+  that deadline (tenacity), but retries a non-idempotent call only when the error
+  happened before the command was sent;
+* translates what is left into flexisync errors with ``raise ... from exc``, reporting
+  the true attempts and elapsed time.
 
-redis-py's own per-command retry is switched off on clients we build, so that a retry
-happens in exactly one place.
+redis-py's own per-command retry is switched off on every client flexisync uses, the
+ones it builds and the ones it adopts (``connect(client=...)``), so that a retry happens
+in exactly one place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import difflib
+import inspect
 import os
+import random
 import re
 import threading
 import time
@@ -31,13 +40,7 @@ import redis
 import redis.exceptions as rexc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
+from tenacity import RetryCallState, Retrying, retry_if_exception
 
 from flexisync._durations import seconds
 from flexisync._log import get_logger
@@ -47,8 +50,11 @@ __all__ = [
     "Backend",
     "ConnectionSpec",
     "RetryPolicy",
+    "adopt_client",
     "build_client",
+    "current_deadline",
     "parse_url",
+    "validate_redis_options",
 ]
 
 T = TypeVar("T")
@@ -128,48 +134,77 @@ def parse_url(url: object) -> ConnectionSpec:
         )
     scheme = url.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
+        # Quote the scheme only when it looks like one: text before "://" may hold a
+        # password (``user:pw@redis://...``), and no part of one is ever echoed.
+        shown = f" {scheme!r}" if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else ""
         raise ConfigError(
-            f"unknown URL scheme {scheme!r}: expected one of "
+            f"unknown URL scheme{shown}: expected one of "
             f"{', '.join(s + '://' for s in SCHEMES)}"
         )
     if scheme == "memory":
         name = url.split("://", 1)[1].strip("/")
         return ConnectionSpec(scheme="memory", name=name)
+    username, password, rest = _split_userinfo(scheme, url.split("://", 1)[1])
     if scheme in ("redis+sentinel", "redis+cluster"):
-        return _parse_multi_host(scheme, url)
+        return _parse_multi_host(scheme, rest, username, password)
+    # From here on no text of the URL can contain the password: it was cut off above.
+    parts = urlsplit(f"{scheme}://{rest}")
     try:
-        parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"malformed {scheme}:// URL: {_scrub(str(exc), url)}") from None
+    except ValueError:
+        raise ConfigError(
+            f"malformed {scheme}:// URL: the port is not a number from 1 to 65535") from None
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
+    query_db = query.pop("db", None)
     if scheme == "unix":
         path = unquote(parts.path)
         if not path:
             raise ConfigError("unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
-        db = _parse_db(query.pop("db", "0"))
+        db = _parse_db(query_db if query_db is not None else "0")
         return ConnectionSpec(scheme=scheme, path=path, db=db, username=username,
                               password=password, options=_parse_options(query))
     if not parts.hostname:
         raise ConfigError(f"{scheme}:// URL needs a host, e.g. {scheme}://localhost:6379/0")
-    db_text = parts.path.lstrip("/") or query.pop("db", "0")
-    query.pop("db", None)
+    path_db = parts.path.lstrip("/")
+    db = _parse_db(path_db or query_db or "0")
+    if path_db and query_db is not None and _parse_db(query_db) != db:
+        raise ConfigError(
+            f"{scheme}:// URL names the database twice, differently: /{path_db} in the path "
+            f"and ?db={query_db} in the query"
+        )
     return ConnectionSpec(
-        scheme=scheme, host=parts.hostname, port=port or 6379, db=_parse_db(db_text),
+        scheme=scheme, host=parts.hostname, port=port or 6379, db=db,
         username=username, password=password, options=_parse_options(query),
     )
 
 
-def _parse_multi_host(scheme: str, url: str) -> ConnectionSpec:
-    rest = url.split("://", 1)[1]
+def _split_userinfo(scheme: str, rest: str) -> tuple[str | None, str | None, str]:
+    """Cut ``user:password@`` off the part of a URL after ``scheme://``.
+
+    The userinfo ends at the last ``@``. A ``/``, ``?`` or ``#`` before that ``@``
+    means the password (or username) holds a reserved character that was not
+    percent-encoded; the URL cannot be read unambiguously, so it is refused with a
+    message that quotes nothing from it.
+
+    Returns:
+        ``(username, password, rest)`` with both decoded, ``None`` when absent.
+    """
+    if "@" not in rest:
+        return None, None, rest
+    userinfo, _, after = rest.rpartition("@")
+    if any(c in userinfo for c in "/?#"):
+        raise ConfigError(
+            f"{scheme}:// URL has a '/', '?' or '#' before its last '@': percent-encode "
+            "reserved characters in the username and password ('/' as %2F, '?' as %3F, "
+            "'#' as %23, '@' as %40, ':' in a username as %3A)"
+        )
+    user, _, pw = userinfo.partition(":")
+    return (unquote(user) or None), (unquote(pw) or None), after
+
+
+def _parse_multi_host(scheme: str, rest: str, username: str | None,
+                      password: str | None) -> ConnectionSpec:
     rest, _, query_text = rest.partition("?")
-    username = password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        user, _, pw = auth.partition(":")
-        username, password = (unquote(user) or None), (unquote(pw) or None)
     netloc, _, path = rest.partition("/")
     if not netloc:
         raise ConfigError(f"{scheme}:// URL needs at least one host:port")
@@ -244,15 +279,119 @@ def _number(key: str, text: str) -> float:
         raise ConfigError(f"URL option {key} must be a number, got {text!r}") from None
 
 
-def _scrub(message: str, url: str) -> str:
-    """Remove anything that looks like the URL's password from ``message``."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        message = message.replace(password, "***")
-    return message
+# --- deadlines on the socket ------------------------------------------------------------
+
+#: The absolute ``time.monotonic()`` instant by which the current Redis call must end,
+#: set by :meth:`Backend.call` around each attempt. A ContextVar, so each thread (and,
+#: later, each asyncio task) has its own.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "flexisync_deadline", default=None)
+
+#: The shortest socket wait an attempt is given, so that a nearly spent deadline still
+#: fails as a timeout rather than as a zero-timeout (non-blocking) socket error.
+_MIN_WAIT = 0.001
+
+#: How much later than its deadline a socket wait may end, to spare a system call per
+#: command: the socket's timeout is narrowed only when it would overshoot by more.
+_OVERSHOOT = 0.05
+
+
+def current_deadline() -> float | None:
+    """The deadline (``time.monotonic()`` seconds) of the Redis call in progress, if any."""
+    return _DEADLINE.get()
+
+
+class _DeadlineMixin:
+    """Caps every socket wait of a redis-py connection by the current call's deadline.
+
+    redis-py gives each connection one fixed ``socket_timeout``; a call with a 3 s
+    deadline on a 5 s socket would wait 5 s on a hung server, and a retry another 5 s.
+    This mixin narrows the socket's timeout to the time left before each send, each
+    read and each connect. ``settimeout`` costs a system call, so the socket is touched
+    only when the time left differs from what is set by more than a small tolerance
+    (never more than :data:`_OVERSHOOT` late, never early by more than a quarter of
+    the time left): in steady state, with one deadline after another of the same
+    length, no call touches the socket at all. Code outside a deadline (the listener,
+    users of ``Coordinator.client``) gets the connection's own timeout back.
+    """
+
+    socket_timeout: float | None
+    socket_connect_timeout: float | None
+    _sock: Any
+    _fx_timeout: float | None = None  # what the socket is capped to; None: its own
+
+    def _left(self) -> float | None:
+        at = _DEADLINE.get()
+        if at is None:
+            return None
+        left = at - time.monotonic()
+        if left <= 0:
+            raise rexc.TimeoutError("flexisync deadline reached before the command was sent")
+        return max(left, _MIN_WAIT)
+
+    def _cap(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        left = self._left()
+        current = self._fx_timeout
+        own = self.socket_timeout
+        if left is None or (own is not None and left >= own):
+            if current is not None:  # give the connection its own timeout back
+                self._fx_timeout = None
+                with contextlib.suppress(OSError):
+                    sock.settimeout(own)
+            return
+        if current is None or left < current - _OVERSHOOT or left > current + left / 4:
+            sock.settimeout(left)
+            self._fx_timeout = left
+
+    def connect(self) -> None:
+        if self._sock is not None:  # redis-py calls this before every command: no-op
+            super().connect()  # type: ignore[misc]
+            return
+        self._fx_timeout = None
+        left = self._left()
+        if left is None:
+            super().connect()  # type: ignore[misc]
+            return
+        connect_timeout, read_timeout = self.socket_connect_timeout, self.socket_timeout
+        self.socket_connect_timeout = left if connect_timeout is None \
+            else min(connect_timeout, left)
+        self.socket_timeout = left if read_timeout is None else min(read_timeout, left)
+        try:
+            super().connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout, self.socket_timeout = connect_timeout, read_timeout
+            opened = getattr(self, "_sock", None) is not None  # set by super().connect()
+            if opened and (read_timeout is None or read_timeout > left):
+                self._fx_timeout = left  # the socket still carries the capped timeout
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._cap()
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        self._cap()
+        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self._fx_timeout = None
+        super().disconnect(*args, **kwargs)  # type: ignore[misc]
+
+
+_deadline_classes: dict[type, type] = {}
+
+
+def _deadline_class(base: type) -> type:
+    """``base`` (a redis-py connection class) with :class:`_DeadlineMixin` in front."""
+    if issubclass(base, _DeadlineMixin):
+        return base
+    found = _deadline_classes.get(base)
+    if found is None:
+        found = _deadline_classes[base] = type(f"Deadline{base.__name__}",
+                                               (_DeadlineMixin, base), {})
+    return found
 
 
 # --- clients -------------------------------------------------------------------------
@@ -261,16 +400,50 @@ def _scrub(message: str, url: str) -> str:
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
 
+#: The keyword arguments ``redis.Redis`` accepts, for validating ``**redis_options``.
+_REDIS_PARAMETERS = frozenset(inspect.signature(redis.Redis.__init__).parameters) - {"self"}
+_TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout", "health_check_interval")
+# Options flexisync must control for its retry and deadline rules to hold.
+_OWNED_OPTIONS = frozenset({"retry", "retry_on_timeout", "retry_on_error", "connection_pool",
+                            "single_connection_client"})
+
+
+def validate_redis_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``connect(**redis_options)`` before any client is built.
+
+    Returns the options with durations converted to float seconds.
+
+    Raises:
+        ConfigError: an option ``redis.Redis`` does not know (with the closest known
+            name), an option flexisync controls itself (``retry``...), or a timeout that
+            is not a finite number of seconds (``None`` means no socket timeout).
+    """
+    checked = dict(options)
+    for key, value in options.items():
+        if key in _OWNED_OPTIONS:
+            raise ConfigError(
+                f"redis option {key!r} is set by flexisync (its retries follow "
+                "connect(retry=RetryPolicy(...))); remove it"
+            )
+        if key not in _REDIS_PARAMETERS:
+            close = difflib.get_close_matches(key, sorted(_REDIS_PARAMETERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown redis option {key!r}{hint}")
+        if key in _TIMEOUT_OPTIONS and value is not None:
+            checked[key] = seconds(value, key, allow_zero=key == "health_check_interval")
+    return checked
+
 
 def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
     """Build a redis-py client for ``spec``; ``redis_options`` override our defaults.
 
     Raises:
-        ConfigError: the scheme is not supported yet, or ``memory://`` is used without
-            the ``memory`` extra installed.
+        ConfigError: the scheme is not supported yet, an option is unknown or out of
+            range, or ``memory://`` is used without the ``memory`` extra installed.
     """
     if spec.scheme in _NOT_YET:
         raise ConfigError(f"{spec.scheme}:// URLs parse, but are not supported yet")
+    redis_options = validate_redis_options(redis_options)
     if spec.scheme == "memory":
         return _memory_client(spec.name)
     options: dict[str, Any] = {
@@ -278,7 +451,6 @@ def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
         "socket_connect_timeout": 2.0,
         "socket_keepalive": True,
         "health_check_interval": 0,
-        "retry": Retry(NoBackoff(), 0),
         "protocol": 2,  # the same reply shapes on redis-py 5 through 8
         "db": spec.db,
         "username": spec.username,
@@ -292,7 +464,44 @@ def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
         options["port"] = spec.port
         options["ssl"] = spec.scheme == "rediss"
     options.update(redis_options)
-    return redis.Redis(**options)
+    options["retry"] = Retry(NoBackoff(), 0)  # retries happen in Backend.call only
+    client = redis.Redis(**options)
+    pool = client.connection_pool
+    pool.connection_class = _deadline_class(pool.connection_class)
+    return client
+
+
+def _client_over(base: type, kwargs: dict[str, Any], max_connections: int | None) -> Any:
+    """A ``redis.Redis`` whose pool makes deadline-capped, never-retrying connections."""
+    kwargs = dict(kwargs)
+    kwargs["retry"] = Retry(NoBackoff(), 0)  # retries happen in Backend.call only
+    pool_options: dict[str, Any] = {"connection_class": _deadline_class(base)}
+    if max_connections is not None:
+        pool_options["max_connections"] = max_connections
+    pool = redis.ConnectionPool(**pool_options, **kwargs)
+    return redis.Redis(connection_pool=pool)
+
+
+def adopt_client(client: Any) -> Any:
+    """The client flexisync uses for a user's ``connect(client=...)``.
+
+    A ``redis.Redis`` is not used as it is: redis-py's own retries would run a call that
+    must not run twice (an INCR) again after a timeout, and its fixed socket timeout
+    would outlast a call's deadline. flexisync builds a client of its own over a pool
+    with the same connection settings (server, credentials, TLS, database, decoding),
+    its own retries off and every socket wait capped by the call's deadline. The
+    user's client and its connections are left untouched; ``Coordinator.close()``
+    closes only flexisync's pool. In-process fakes (``fakeredis``) are used as given.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or type(client).__module__.startswith("fakeredis") \
+            or not isinstance(pool, redis.ConnectionPool) or isinstance(client, redis.RedisCluster):
+        return client
+    kwargs = dict(pool.connection_kwargs)
+    max_connections = getattr(pool, "max_connections", None)
+    if not isinstance(max_connections, int) or max_connections >= 2**31 - 1:
+        max_connections = None
+    return _client_over(pool.connection_class, kwargs, max_connections)
 
 
 def _memory_client(name: str) -> Any:
@@ -316,25 +525,42 @@ def _memory_client(name: str) -> Any:
 class RetryPolicy:
     """How long flexisync keeps trying a call while Redis is unreachable.
 
+    ``deadline`` bounds the wall time of every public call that uses the policy, socket
+    waits included: each attempt's socket timeout is capped by the time left, and
+    retries (with jittered exponential backoff from ``initial`` to ``maximum``) go on
+    until the deadline, so an outage shorter than the deadline costs a delay, not an
+    error.
+
     Attributes:
-        attempts: total attempts, including the first (>= 1).
+        attempts: cap on the total attempts, including the first (>= 1); ``None``
+            (the default) means as many as fit within ``deadline``.
         initial: first backoff in seconds; doubles each attempt, with jitter.
         maximum: cap on one backoff, in seconds.
-        deadline: cap on the total time spent retrying one call, in seconds.
+        deadline: cap on the wall time of one call, retries included, in seconds.
     """
 
-    attempts: int = 4
+    attempts: int | None = None
     initial: float = 0.05
     maximum: float = 0.5
     deadline: float = 3.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) \
-                or self.attempts < 1:
-            raise ConfigError(f"attempts must be an int >= 1, got {self.attempts!r}")
-        seconds(self.initial, "initial", allow_zero=True)
-        seconds(self.maximum, "maximum", allow_zero=True)
-        seconds(self.deadline, "deadline")
+        if self.attempts is not None and (
+                isinstance(self.attempts, bool) or not isinstance(self.attempts, int)
+                or self.attempts < 1):
+            raise ConfigError(f"attempts must be an int >= 1 or None, got {self.attempts!r}")
+        object.__setattr__(self, "initial", seconds(self.initial, "initial", allow_zero=True))
+        object.__setattr__(self, "maximum", seconds(self.maximum, "maximum", allow_zero=True))
+        object.__setattr__(self, "deadline", seconds(self.deadline, "deadline"))
+        if self.maximum < self.initial:
+            raise ConfigError(
+                f"maximum backoff ({self.maximum}s) must be >= initial ({self.initial}s)"
+            )
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), with jitter."""
+        base = min(self.maximum, self.initial * 2 ** min(retry - 1, 30))
+        return random.uniform(base / 2, base)
 
 
 _TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError)
@@ -349,6 +575,7 @@ def _is_connect_error(exc: BaseException) -> bool:
     """True when the command cannot have reached the server (it failed to connect)."""
     text = str(exc)
     return "connecting to" in text or "Timeout connecting" in text \
+        or "deadline reached before the command was sent" in text \
         or isinstance(exc, ConnectionRefusedError)
 
 
@@ -372,63 +599,93 @@ class Backend:
         """True for a ``redis.RedisCluster`` client."""
         return isinstance(self.client, redis.RedisCluster)
 
-    def call(self, operation: str, fn: Callable[[Any], T], *, idempotent: bool = True) -> T:
-        """Run ``fn(client)`` under the retry policy.
+    def bound(self, deadline: float | None = None) -> float:
+        """The absolute deadline of a call starting now: the policy's, or ``deadline``
+        when that comes sooner."""
+        own = time.monotonic() + self.retry.deadline
+        return own if deadline is None else min(own, deadline)
+
+    def call(self, operation: str, fn: Callable[[Any], T], *, idempotent: bool = True,
+             deadline: float | None = None) -> T:
+        """Run ``fn(client)`` under the retry policy, within one wall-clock bound.
 
         Args:
             operation: a name for messages and logs, e.g. ``"state.set"``.
             fn: the Redis work; it receives the client.
             idempotent: False for a call that must not run twice (an INCR): it is
-                retried only when the failure happened while connecting.
+                retried only when the failure happened before the command was sent.
+            deadline: an absolute ``time.monotonic()`` instant the call must end by,
+                when that is sooner than ``RetryPolicy.deadline`` from now. A call
+                that blocks on the server (``XREAD BLOCK``) passes one that covers
+                its block time.
 
         Raises:
-            BackendUnavailable: every attempt failed with a connection error.
+            BackendUnavailable: Redis could not be reached before the bound; carries
+                the true number of attempts and seconds spent.
             BackendError: Redis answered with an error.
         """
         if self.closed:
             raise BackendUnavailable(self.address, reason="the Coordinator is closed")
         if self.pid != os.getpid():
             self.check_fork()
+        start = time.monotonic()
+        own = start + self.retry.deadline
+        bound = own if deadline is None or deadline > own else deadline
+        token = _DEADLINE.set(bound)
         try:
             return fn(self.client)
-        except rexc.RedisError as exc:
+        except (rexc.RedisError, OSError) as exc:
             first: BaseException = exc
-        except OSError as exc:
-            first = exc
-        return self._retry(operation, fn, first, idempotent=idempotent)
+        finally:
+            _DEADLINE.reset(token)
+        return self._retry(operation, fn, first, idempotent=idempotent, start=start,
+                           bound=bound)
 
-    def _retry(self, operation: str, fn: Callable[[Any], T], first: BaseException,
-               *, idempotent: bool) -> T:
-        if not is_transient(first):
-            raise _translate(operation, first, self.address, 1, 0.0) from first
-        if not idempotent and not _is_connect_error(first):
-            raise _translate(operation, first, self.address, 1, 0.0) from first
-        policy = self.retry
-        if policy.attempts < 2:
-            raise _translate(operation, first, self.address, 1, 0.0) from first
-        start = time.monotonic()
-        attempts = 1
-
+    def _retry(self, operation: str, fn: Callable[[Any], T], first: BaseException, *,
+               idempotent: bool, start: float, bound: float) -> T:
         def retryable(exc: BaseException) -> bool:
             return is_transient(exc) and (idempotent or _is_connect_error(exc))
 
-        def attempt(client: Any) -> T:
+        policy = self.retry
+        attempts = 1
+
+        def fail(exc: BaseException) -> Exception:
+            return _translate(operation, exc, self.address, attempts,
+                              time.monotonic() - start)
+
+        if not retryable(first):
+            raise fail(first) from first
+
+        def stop(_state: RetryCallState) -> bool:
+            if policy.attempts is not None and attempts >= policy.attempts:
+                return True
+            return bound - time.monotonic() <= _MIN_WAIT
+
+        def wait(state: RetryCallState) -> float:
+            # Retries spread over the whole bound; the last wait never overshoots it.
+            left = bound - time.monotonic() - _MIN_WAIT
+            return max(0.0, min(policy.backoff(state.attempt_number), left))
+
+        def attempt() -> T:
             nonlocal attempts
             attempts += 1
-            return fn(client)
+            token = _DEADLINE.set(bound)
+            try:
+                return fn(self.client)
+            finally:
+                _DEADLINE.reset(token)
 
-        retrying = Retrying(
-            stop=stop_after_attempt(policy.attempts - 1) | stop_after_delay(policy.deadline),
-            wait=wait_random_exponential(multiplier=policy.initial, max=policy.maximum),
-            retry=retry_if_exception(retryable),
-            reraise=True,
-        )
+        # The first attempt already failed; wait once, then let tenacity go on.
+        first_wait = wait(_FIRST_RETRY)
+        if stop(_FIRST_RETRY) or bound - time.monotonic() - first_wait <= _MIN_WAIT:
+            raise fail(first) from first
+        time.sleep(first_wait)
+        retrying = Retrying(stop=stop, wait=wait, retry=retry_if_exception(retryable),
+                            reraise=True)
         try:
-            time.sleep(policy.initial)
-            return retrying(attempt, self.client)
+            return retrying(attempt)
         except (rexc.RedisError, OSError) as exc:
-            elapsed = time.monotonic() - start
-            raise _translate(operation, exc, self.address, attempts, elapsed) from exc
+            raise fail(exc) from exc
 
     def check_fork(self) -> None:
         """Run ``on_fork`` once if this process is a fork the at-fork hooks missed."""
@@ -449,11 +706,12 @@ class Backend:
         return found
 
     def run_script(self, operation: str, name: str, keys: Sequence[str],
-                   args: Sequence[Any], *, idempotent: bool = True) -> Any:
-        """Run a Lua script through :meth:`call`."""
+                   args: Sequence[Any], *, idempotent: bool = True,
+                   deadline: float | None = None) -> Any:
+        """Run a Lua script through :meth:`call` (same arguments, same errors)."""
         script = self.script(name)
         return self.call(operation, lambda _c: script(keys=keys, args=args),
-                         idempotent=idempotent)
+                         idempotent=idempotent, deadline=deadline)
 
     def ping(self) -> float:
         """One PING; the round-trip time in seconds."""
@@ -465,6 +723,13 @@ class Backend:
         """Close the client's connections (in this process only)."""
         with contextlib.suppress(rexc.RedisError, OSError):  # a dead one is fine
             self.client.close()
+
+
+class _FirstRetry:
+    attempt_number = 1
+
+
+_FIRST_RETRY: Any = _FirstRetry()
 
 
 def _translate(operation: str, exc: BaseException, address: str, attempts: int,

@@ -14,28 +14,38 @@ The parent process spawns N workers and narrates what they report:
 
 Everything lives under a namespace of its own, deleted at the end. With no ``--url``
 and nothing in ``FLEXISYNC_URL`` it runs against a throwaway ``redis-server``.
+
+Only the parent prints. Workers report through the stream, and the parent's narration
+goes through one printer that orders lines by the time they describe: a line waits
+:data:`HOLD` seconds for reports of earlier moments still on their way, so the output
+reads in the order things happened, and everything is printed before the summary.
+With ``--json`` the narration goes to stderr and stdout holds one JSON document, the
+summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import heapq
+import itertools
 import logging
 import multiprocessing
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 from flexisync import embedded
-from flexisync._cli_common import EXIT_OK, EXIT_PROBLEM, error
+from flexisync._cli_common import EXIT_OK, EXIT_PROBLEM, error, print_json
 from flexisync.coordinator import Coordinator, connect
 from flexisync.errors import CircuitOpenError, FlexiSyncError
 
@@ -49,6 +59,7 @@ LOG = "demo-log"
 TOPIC = "demo.control"
 CALL_INTERVAL = 0.1  # seconds between two provider calls of one worker
 PHASE_TIMEOUT = 20.0  # hang guard for each phase (seconds)
+HOLD = 0.3  # seconds a narration line waits for reports of earlier moments
 
 
 class ProviderError(Exception):
@@ -169,15 +180,67 @@ class _Tally:
     changed: threading.Condition = field(default_factory=threading.Condition)
 
 
+class _Printer:
+    """Prints ``[elapsed] message`` lines in the order of the moments they describe.
+
+    A line is held until :data:`HOLD` seconds after its moment, so a report of an
+    earlier moment that arrives meanwhile (a worker's, through the stream) is printed
+    first. ``close()`` prints whatever is left, in order, and stops the thread.
+    """
+
+    def __init__(self, start: float, out: TextIO, hold: float = HOLD) -> None:
+        self.start = start
+        self.out = out
+        self.hold = hold
+        self._lines: list[tuple[float, int, str]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._last = start
+        self._thread = threading.Thread(target=self._run, name="flexisync-demo-printer",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, message: str, at: float) -> None:
+        with self._changed:
+            heapq.heappush(self._lines, (at, next(self._order), message))
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout=5.0)
+        with self._changed:  # the thread printed everything unless it was stuck
+            self._flush(until=None)
+
+    def _run(self) -> None:
+        with self._changed:
+            while not self._closed:
+                due = self._lines[0][0] + self.hold if self._lines else None
+                now = time.time()
+                if due is not None and due <= now:
+                    self._flush(until=now - self.hold)
+                    continue
+                self._changed.wait(None if due is None else due - now)
+            self._flush(until=None)
+
+    def _flush(self, until: float | None) -> None:
+        """Print held lines up to moment ``until`` (all when None); caller holds the lock."""
+        while self._lines and (until is None or self._lines[0][0] <= until):
+            at, _, message = heapq.heappop(self._lines)
+            at = max(at, self._last)  # a report later than HOLD keeps its place in line
+            self._last = at
+            print(f"[{at - self.start:6.2f}s] {message}", file=self.out, flush=True)
+
+
 class _Narrator:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, out: TextIO) -> None:
         self.tally = _Tally(workers=workers, start=time.time())
-        self._print_lock = threading.Lock()
+        self.printer = _Printer(self.tally.start, out)
 
     def say(self, message: str, at: float | None = None) -> None:
-        elapsed = (at if at is not None else time.time()) - self.tally.start
-        with self._print_lock:
-            print(f"[{max(0.0, elapsed):6.2f}s] {message}", flush=True)
+        self.printer.add(message, at if at is not None else time.time())
 
     def on_report(self, event: Any) -> None:
         tally, data = self.tally, event.data
@@ -226,9 +289,11 @@ class _Narrator:
         seen = tally.sightings[(new, count)]
         seen[worker] = float(data["at"])
         if len(seen) == tally.workers:
+            # Stamped when the last report arrived, which is after the parent's own
+            # "*** breaker" line for the same transition.
             spread = (max(seen.values()) - min(seen.values())) * 1000
             self.say(f"every worker saw the breaker turn {new} "
-                     f"(within {spread:.1f} ms of each other)", max(seen.values()))
+                     f"(within {spread:.1f} ms of each other)")
 
     def _job(self, worker: int, data: dict[str, Any], at: float) -> None:
         tally = self.tally
@@ -289,15 +354,16 @@ def _follow(sync: Coordinator, narrator: _Narrator, stop: threading.Event) -> No
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo; 0 when the fleet opened and recovered together.
+    """Run the demo; 0 when the fleet opened and recovered together and the job ran once.
 
     Raises:
         BackendUnavailable: the given Redis does not answer.
     """
+    out = sys.stderr if args.json else sys.stdout
     url = args.url or os.environ.get("FLEXISYNC_URL")
     server = None
     print(f"flexisync demo: {args.workers} worker processes share one circuit breaker, "
-          "one lock, a state store, events and a stream.")
+          "one lock, a state store, events and a stream.", file=out, flush=True)
     if not url:
         try:
             server = embedded.start()
@@ -306,24 +372,34 @@ def run_demo(args: argparse.Namespace) -> int:
             return EXIT_PROBLEM
         url = server.url
         print(f"No --url and no FLEXISYNC_URL: started a throwaway redis-server at {url} "
-              f"({server.binary}; stopped at the end).")
+              f"({server.binary}; stopped at the end).", file=out, flush=True)
     namespace = f"{args.namespace}-demo-{uuid.uuid4().hex[:8]}"
     try:
         with connect(url, namespace=namespace) as sync:
             print(f"Redis: {sync.url}, namespace {namespace!r} (deleted at the end)",
-                  flush=True)
+                  file=out, flush=True)
             sync.ping()
             try:
-                return _run(sync, url, namespace, args.workers)
+                summary = _run(sync, url, namespace, args.workers, out)
             finally:
                 _delete_namespace(sync)
     finally:
         if server is not None:
             server.stop()
+    if summary is None:
+        return EXIT_PROBLEM
+    if args.json:
+        print_json(summary)
+    else:
+        print("\n".join(_summary_lines(summary)), flush=True)
+    return EXIT_OK if summary["ok"] else EXIT_PROBLEM
 
 
-def _run(sync: Coordinator, url: str, namespace: str, workers: int) -> int:
-    narrator = _Narrator(workers)
+def _run(sync: Coordinator, url: str, namespace: str, workers: int,
+         out: TextIO) -> dict[str, Any] | None:
+    """Run the fleet through its phases, narrating to ``out``; the summary, or None
+    when the demo got stuck (already reported)."""
+    narrator = _Narrator(workers, out)
     state = sync.state("demo")
     state.set("provider", "up")
     breaker = sync.breaker(BREAKER, **POLICY)
@@ -371,8 +447,9 @@ def _run(sync: Coordinator, url: str, namespace: str, workers: int) -> int:
         events.publish(TOPIC, None, type="demo.stop")
         narrator.wait("every worker stopping", lambda t: len(t.done) == workers)
     except _DemoStuck as exc:
+        narrator.printer.close()
         error(f"the demo got stuck: {exc}")
-        return EXIT_PROBLEM
+        return None
     finally:
         # Workers that reported "done" are exiting; any others are stuck or interrupted.
         grace = 10.0 if len(narrator.tally.done) == workers else 1.0
@@ -383,41 +460,59 @@ def _run(sync: Coordinator, url: str, namespace: str, workers: int) -> int:
                 process.join(timeout=5.0)
         stop.set()
         reader.join(timeout=5.0)
+        narrator.printer.close()
     return _summary(narrator.tally, breaker)
 
 
-def _summary(tally: _Tally, breaker: Any) -> int:
+def _summary(tally: _Tally, breaker: Any) -> dict[str, Any]:
+    """What the demo showed, as the JSON summary (``ok``: it went as it should)."""
     opened = tally.sightings.get(("open", 1), {})
     closed = tally.sightings.get(("closed", 1), {})
-    together_open = len(opened) == tally.workers
-    together_closed = len(closed) == tally.workers
-    heard = {w: int(d.get("heard", 0)) for w, d in sorted(tally.done.items())}
     info = breaker.info()
-    lines = [
+    summary: dict[str, Any] = {
+        "workers": tally.workers,
+        "breaker": {"name": BREAKER, "trips": info.trips, "state": info.state},
+        "opened_together": len(opened) == tally.workers, "saw_open": len(opened),
+        "recovered_together": len(closed) == tally.workers, "saw_closed": len(closed),
+        "calls": {k: tally.outcomes[k] for k in ("ok", "failed", "rejected")},
+        "job": {"name": JOB, "runs": [{"worker": w, "fencing_token": t}
+                                      for w, t in tally.job_runs],
+                "skipped": tally.job_skips},
+        "events_heard": {str(w): int(d.get("heard", 0)) for w, d in sorted(tally.done.items())},
+    }
+    summary["ok"] = (summary["opened_together"] and summary["recovered_together"]
+                     and len(tally.job_runs) == 1)
+    return summary
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    workers, job, calls = summary["workers"], summary["job"], summary["calls"]
+    first = job["runs"][0] if job["runs"] else None
+    return [
         "",
         "Summary",
-        f"  breaker {BREAKER!r}: opened {info.trips} time(s), now {info.state}",
-        f"  fleet opened together:    {'yes' if together_open else 'no'} "
-        f"({len(opened)} of {tally.workers} workers saw it open)",
-        f"  fleet recovered together: {'yes' if together_closed else 'no'} "
-        f"({len(closed)} of {tally.workers} workers saw it close again)",
-        f"  provider calls: {tally.outcomes['ok']} ok, {tally.outcomes['failed']} failed, "
-        f"{tally.outcomes['rejected']} rejected by the breaker without calling",
-        f"  job {JOB!r}: ran {len(tally.job_runs)} time(s)"
-        + (f", on worker {tally.job_runs[0][0]} with fencing token {tally.job_runs[0][1]}"
-           if tally.job_runs else "")
-        + f"; {tally.job_skips} worker(s) skipped it",
+        f"  breaker {BREAKER!r}: opened {summary['breaker']['trips']} time(s), now "
+        f"{summary['breaker']['state']}",
+        f"  fleet opened together:    {'yes' if summary['opened_together'] else 'no'} "
+        f"({summary['saw_open']} of {workers} workers saw it open)",
+        f"  fleet recovered together: {'yes' if summary['recovered_together'] else 'no'} "
+        f"({summary['saw_closed']} of {workers} workers saw it close again)",
+        f"  provider calls: {calls['ok']} ok, {calls['failed']} failed, "
+        f"{calls['rejected']} rejected by the breaker without calling",
+        f"  job {JOB!r}: ran {len(job['runs'])} time(s)"
+        + (f", on worker {first['worker']} with fencing token {first['fencing_token']}"
+           if first else "")
+        + f"; {job['skipped']} worker(s) skipped it",
         "  events received per worker: "
-        + ", ".join(f"worker {w}: {n}" for w, n in heard.items()),
+        + ", ".join(f"worker {w}: {n}" for w, n in summary["events_heard"].items()),
     ]
-    print("\n".join(lines), flush=True)
-    healthy = together_open and together_closed and len(tally.job_runs) == 1
-    return EXIT_OK if healthy else EXIT_PROBLEM
 
 
 def _quiet_logs() -> None:
-    """Keep a worker's own log lines (breaker.opened...) out of the narration."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    """Keep a worker's own log lines (breaker.opened...) out of the narration: errors
+    only, on stderr, never on the parent's stdout."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
 def _delete_namespace(sync: Coordinator) -> None:
@@ -426,7 +521,7 @@ def _delete_namespace(sync: Coordinator) -> None:
 
         def delete(client: Any) -> int:
             keys = list(client.scan_iter(match=pattern, count=1000))
-            return int(client.unlink(*keys)) if keys else 0
+            return int(client.delete(*keys)) if keys else 0  # DEL: in the documented ACL
 
         sync._backend.call("demo.cleanup", delete)
 

@@ -7,9 +7,14 @@ from datetime import timedelta
 
 from flexisync.errors import ConfigError
 
-__all__ = ["Duration", "optional_seconds", "seconds", "to_ms"]
+__all__ = ["MAX_SECONDS", "Duration", "optional_seconds", "seconds", "to_ms"]
 
 Duration = float | int | timedelta
+
+#: The longest finite duration any flexisync argument accepts: 10 years. Larger values
+#: are almost always a unit mistake (milliseconds passed as seconds), and would overflow
+#: what Redis and the Lua scripts can represent exactly as milliseconds.
+MAX_SECONDS = 10 * 365 * 86400.0
 
 
 def seconds(value: object, name: str, *, allow_zero: bool = False,
@@ -20,8 +25,8 @@ def seconds(value: object, name: str, *, allow_zero: bool = False,
 
     Raises:
         ConfigError: the value is of another type, is NaN, negative, zero (unless
-            ``allow_zero``) or infinite (unless ``allow_inf``); the message names
-            ``name``.
+            ``allow_zero``), infinite (unless ``allow_inf``) or finite but longer than
+            :data:`MAX_SECONDS` (10 years); the message names ``name``.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
         raise ConfigError(
@@ -35,6 +40,10 @@ def seconds(value: object, name: str, *, allow_zero: bool = False,
     if result < 0 or (result == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound} seconds, got {result}")
+    if MAX_SECONDS < result < math.inf:
+        raise ConfigError(
+            f"{name} must be at most {MAX_SECONDS:.0f} seconds (10 years), got {result:g}"
+        )
     return result
 
 

@@ -5,7 +5,8 @@ that every key of one object lands in one slot and its Lua scripts may touch the
 
     ns:state:{scope}:key           one StateStore value
     ns:lock:{name}                 a lock's lease (value = owner token "random:host:pid")
-    ns:lock:{name}:fence           the lock's fencing counter (never expires)
+    ns:lock:{name}:fence           the lock's fencing counter (expires after a day unused)
+    ns:lock:{name}:released:<id>   "released by token <id>" marker (a few seconds)
     ns:lock:{name}:queue           fair-mode waiter queue (ZSET token -> arrival, us)
     ns:lock:{name}:queue:ttl       fair-mode waiter expiries (ZSET token -> server ms)
     ns:lock:name                   wake-up channel PUBLISHed by a lock's release

@@ -22,18 +22,19 @@ to another thread). A raising handler is logged and counted; it never stops deli
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions as rexc
 
 from flexisync._connection import Backend
 from flexisync._log import get_logger
-from flexisync.errors import BackendUnavailable
+from flexisync.errors import BackendError, BackendUnavailable
 
 __all__ = ["Handler", "Listener", "Registration"]
 
@@ -53,20 +54,30 @@ class Registration:
         self._handler = handler
         self._closed = False
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         """Stop delivering to this handler; unsubscribes when it was the last one.
 
-        When this was the channel's last handler, returns once Redis confirmed the
-        unsubscribe (bounded by the listener's ``ping_timeout``), so a PUBLISH made
-        afterwards no longer counts this process as a receiver.
+        Args:
+            wait: when this was the channel's last handler, return only once Redis
+                confirmed the unsubscribe (bounded by the listener's
+                ``ping_timeout``), so a PUBLISH made afterwards no longer counts this
+                process as a receiver. ``False`` sends the unsubscribe and returns at
+                once (a lock waiter leaving, where nobody counts receivers).
         """
         if not self._closed:
             self._closed = True
-            self._listener._remove(self._key, self._handler, wait=True)
+            self._listener._remove(self._key, self._handler, wait=wait)
 
 
 class Listener:
-    """The Coordinator's pub/sub listener. Internal; see the module docstring."""
+    """The Coordinator's pub/sub listener. Internal; see the module docstring.
+
+    Bookkeeping is per connection and bounded by what is live, never by the names ever
+    used: every (P)(UN)SUBSCRIBE and PING goes out as its own command with a sequence
+    number and is remembered in a FIFO until Redis answers it (Redis answers in order,
+    one reply each), so an error reply names the command it refuses. Per key, only
+    keys that still have handlers are remembered.
+    """
 
     def __init__(self, backend: Backend, *, name: str = "flexisync-listener",
                  ping_interval: float = 2.0, ping_timeout: float = 2.0,
@@ -89,25 +100,42 @@ class Listener:
         self._write_lock = threading.Lock()
         self._conn: Any = None
         self._gen = 0
-        self._sent: dict[_Key, tuple[int, int]] = {}
-        self._acked: dict[_Key, tuple[int, int]] = {}
-        self._unsent: dict[_Key, tuple[int, int]] = {}  # UNSUBSCRIBEs sent, as _sent
-        self._unacked: dict[_Key, tuple[int, int]] = {}  # ... and confirmed, as _acked
+        self._reset_connection_state()
+        self._waiting: dict[_Key, int] = {}  # threads in _add waiting on a key
         self._hooks_due = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
 
+    def _reset_connection_state(self) -> None:
+        """Forget what was sent on the previous connection; caller holds ``_cond``."""
+        self._sent = 0  # commands sent on this connection
+        self._answered = 0  # ... and answered, in order
+        self._pending: collections.deque[tuple[str, _Key | None]] = collections.deque()
+        self._sub_seq: dict[_Key, int] = {}  # key -> number of its latest (P)SUBSCRIBE
+        self._refused: dict[_Key, str] = {}  # key -> why Redis refused that (P)SUBSCRIBE
+
     # --- public (internal API) -----------------------------------------------------
 
     def subscribe(self, channel: str, handler: Handler, *, timeout: float | None = None,
                   ) -> Registration:
-        """Deliver messages on ``channel`` to ``handler``; returns once Redis confirmed."""
+        """Deliver messages on ``channel`` to ``handler``; returns once Redis confirmed.
+
+        Raises:
+            BackendError: Redis refused the subscription (an ACL without the channel:
+                NOPERM); the listener stays connected for everything else.
+            BackendUnavailable: not confirmed within ``timeout`` seconds (default:
+                the retry policy's deadline).
+        """
         return self._add(("channel", channel), handler, timeout)
 
     def psubscribe(self, pattern: str, handler: Handler, *, timeout: float | None = None,
                    ) -> Registration:
-        """Deliver messages on channels matching the glob ``pattern`` to ``handler``."""
+        """Deliver messages on channels matching the glob ``pattern`` to ``handler``.
+
+        Raises:
+            BackendError, BackendUnavailable: as :meth:`subscribe`.
+        """
         return self._add(("pattern", pattern), handler, timeout)
 
     def add_reconnect_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
@@ -135,6 +163,13 @@ class Listener:
         """Connections made so far; grows by one on every reconnect."""
         return self._gen
 
+    def table_sizes(self) -> dict[str, int]:
+        """How many entries each internal table holds (tests check they stay bounded)."""
+        with self._cond:
+            return {"handlers": len(self._handlers), "pending": len(self._pending),
+                    "sub_seq": len(self._sub_seq), "refused": len(self._refused),
+                    "waiting": len(self._waiting), "hooks": len(self._hooks)}
+
     def close(self) -> None:
         """Stop the thread and close the socket. Registrations are dropped."""
         with self._cond:
@@ -142,6 +177,7 @@ class Listener:
             self._stop.set()
             conn, self._conn = self._conn, None
             self._handlers.clear()
+            self._reset_connection_state()
             self._cond.notify_all()
         if conn is not None:
             _disconnect(conn)
@@ -162,8 +198,9 @@ class Listener:
 
     def _add(self, key: _Key, handler: Handler, timeout: float | None) -> Registration:
         self._backend.check_fork()  # may reset this listener (a fork nobody announced)
-        deadline = time.monotonic() + (timeout if timeout is not None
-                                       else self._backend.retry.deadline + 2.0)
+        start = time.monotonic()
+        limit = timeout if timeout is not None else self._backend.retry.deadline
+        deadline = start + limit
         with self._cond:
             if self._closed:
                 raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
@@ -173,38 +210,56 @@ class Listener:
                 self._send_subscribe(self._conn, [key])
             self._ensure_thread()
             registration = Registration(self, key, handler)
-            while not self._is_confirmed(key):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
-                    self._remove_locked(key, handler)
-                    raise BackendUnavailable(
-                        self._backend.address, elapsed=timeout or 0.0,
-                        reason=f"subscription to {key[1]!r} was not confirmed in time",
-                    )
-                self._cond.wait(remaining)
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                while not self._is_confirmed(key):
+                    refused = self._refused.get(key) if self._is_settled(key) else None
+                    if refused is not None:
+                        self._remove_locked(key, handler)
+                        command = "subscribe" if key[0] == "channel" else "psubscribe"
+                        raise BackendError(f"{command} {key[1]!r}", refused)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._closed:
+                        self._remove_locked(key, handler)
+                        reason = "the Coordinator is closed" if self._closed else (
+                            f"subscription to {key[1]!r} was not confirmed within "
+                            f"{limit:.3f}s")
+                        raise BackendUnavailable(
+                            self._backend.address, elapsed=time.monotonic() - start,
+                            reason=reason)
+                    self._cond.wait(remaining)
+            finally:
+                left = self._waiting[key] - 1
+                if left:
+                    self._waiting[key] = left
+                else:
+                    del self._waiting[key]
             return registration
 
+    def _is_settled(self, key: _Key) -> bool:
+        """Redis answered the latest (P)SUBSCRIBE of ``key`` on the live connection."""
+        seq = self._sub_seq.get(key)
+        return self._conn is not None and seq is not None and self._answered >= seq
+
     def _is_confirmed(self, key: _Key) -> bool:
-        sent = self._sent.get(key)
-        acked = self._acked.get(key)
-        return (self._conn is not None and sent is not None and acked is not None
-                and sent[0] == self._gen and acked >= sent)
+        return self._is_settled(key) and key not in self._refused
 
     def _remove(self, key: _Key, handler: Handler, *, wait: bool = False) -> None:
         with self._cond:
             target = self._remove_locked(key, handler)
             if not wait or target is None or threading.current_thread() is self._thread:
                 return
+            gen = self._gen
             deadline = time.monotonic() + self.ping_timeout
-            while (self._gen == target[0] and self._conn is not None and not self._closed
-                   and self._unacked.get(key, (0, 0)) < target):
+            while (self._gen == gen and self._conn is not None and not self._closed
+                   and self._answered < target):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return  # delivery already stopped here; only the server lags
                 self._cond.wait(remaining)
 
-    def _remove_locked(self, key: _Key, handler: Handler) -> tuple[int, int] | None:
-        """Drop ``handler``; returns the UNSUBSCRIBE to await, if one was sent."""
+    def _remove_locked(self, key: _Key, handler: Handler) -> int | None:
+        """Drop ``handler``; returns the number of the UNSUBSCRIBE to await, if sent."""
         handlers = self._handlers.get(key)
         if not handlers or handler not in handlers:
             return None
@@ -212,34 +267,44 @@ class Listener:
         if handlers:
             return None
         del self._handlers[key]
+        self._sub_seq.pop(key, None)
+        refused = self._refused.pop(key, None)
         conn = self._conn
-        if conn is None:
-            return None
+        if conn is None or refused is not None:
+            return None  # nothing to undo on the server
         command = "UNSUBSCRIBE" if key[0] == "channel" else "PUNSUBSCRIBE"
-        gen, count = self._unsent.get(key, (self._gen, 0))
-        target = self._unsent[key] = (self._gen, count + 1 if gen == self._gen else 1)
-        self._send(conn, command, key[1])
-        return target
+        return self._send(conn, [(command, key)])
 
     def _send_subscribe(self, conn: Any, keys: list[_Key]) -> None:
-        """Send (P)SUBSCRIBE for ``keys``; caller holds ``_cond``."""
-        for kind, command in (("channel", "SUBSCRIBE"), ("pattern", "PSUBSCRIBE")):
-            names = [k[1] for k in keys if k[0] == kind]
-            if not names:
-                continue
-            for name in names:
-                gen, count = self._sent.get((kind, name), (self._gen, 0))
-                self._sent[(kind, name)] = (self._gen, count + 1 if gen == self._gen else 1)
-            self._send(conn, command, *names)
+        """Send one (P)SUBSCRIBE per key, in one write; caller holds ``_cond``.
 
-    def _send(self, conn: Any, *args: str) -> None:
+        One command per key so that a refusal (one error reply for the whole command)
+        is pinned on exactly the key Redis refused.
+        """
+        commands = [("SUBSCRIBE" if key[0] == "channel" else "PSUBSCRIBE", key)
+                    for key in keys]
+        last = self._send(conn, commands)
+        for offset, key in enumerate(keys):
+            self._sub_seq[key] = last - len(keys) + 1 + offset
+            self._refused.pop(key, None)
+
+    def _send(self, conn: Any, commands: Sequence[tuple[str, _Key | None]]) -> int:
+        """Send ``commands``, each awaiting one reply; caller holds ``_cond``.
+
+        Returns the sequence number of the last one.
+        """
+        for command, key in commands:
+            self._sent += 1
+            self._pending.append((command, key))
+        args = [(command,) if key is None else (command, key[1]) for command, key in commands]
         try:
             with self._write_lock:
-                conn.send_command(*args, check_health=False)
+                conn.send_packed_command(conn.pack_commands(args), check_health=False)
         except (rexc.RedisError, OSError):
             # The reader notices the broken socket and reconnects; the reconnect
             # resubscribes everything registered, so nothing is lost here.
             pass
+        return self._sent
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -286,10 +351,9 @@ class Listener:
             if self._gen > 1:
                 self.reconnects += 1
             self._conn = conn
-            self._acked.clear()
-            self._unacked.clear()
-            self._unsent.clear()
-            self._send_subscribe(conn, list(self._handlers))
+            self._reset_connection_state()
+            if self._handlers:
+                self._send_subscribe(conn, list(self._handlers))
             self._hooks_due = self._gen > 1
             self._cond.notify_all()
         return conn
@@ -300,7 +364,10 @@ class Listener:
         self._maybe_run_hooks()
         while not self._stop.is_set():
             if conn.can_read(timeout=self._poll):
-                reply = conn.read_response(disconnect_on_error=False)
+                try:
+                    reply = conn.read_response(disconnect_on_error=False)
+                except rexc.ResponseError as exc:  # an error reply: the socket is fine
+                    reply = exc
                 last_heard = time.monotonic()
                 ping_sent = None
                 self._dispatch(reply)
@@ -310,11 +377,17 @@ class Listener:
                 if now - ping_sent > self.ping_timeout:
                     raise TimeoutError(f"no PONG within {self.ping_timeout}s (half-open socket?)")
             elif now - last_heard >= self.ping_interval:
-                self._send(conn, "PING")
+                with self._cond:
+                    self._send(conn, [("PING", None)])
                 ping_sent = now
 
     def _dispatch(self, reply: Any) -> None:
+        if isinstance(reply, rexc.ResponseError):
+            self._answer(None, reply)
+            return
         if not isinstance(reply, list) or not reply:
+            # A plain reply (b"PONG" once no subscription is left) answers a command too.
+            self._answer(_text(reply), None)
             return
         kind = _text(reply[0])
         if kind == "message":
@@ -322,19 +395,33 @@ class Listener:
         elif kind == "pmessage":
             pattern = _text(reply[1])
             self._deliver(("pattern", pattern), _text(reply[2]), reply[3], pattern)
-        elif kind in ("subscribe", "psubscribe"):
-            key: _Key = ("channel" if kind == "subscribe" else "pattern", _text(reply[1]))
-            with self._cond:
-                gen, count = self._acked.get(key, (self._gen, 0))
-                self._acked[key] = (self._gen, count + 1 if gen == self._gen else 1)
-                self._cond.notify_all()
+        elif kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe", "pong"):
+            self._answer(kind, None)
+
+    def _answer(self, kind: str | None, error: rexc.ResponseError | None) -> None:
+        """Redis answered the oldest command still pending: a reply or an error."""
+        with self._cond:
+            if not self._pending:
+                self._log.warning("events.unexpected_reply", kind=kind, error=str(error))
+                return
+            command, key = self._pending.popleft()
+            self._answered += 1
+            if error is not None and key is not None and command.endswith("SUBSCRIBE") \
+                    and not command.endswith("UNSUBSCRIBE") \
+                    and self._sub_seq.get(key) == self._answered:
+                reason = str(error)
+                if isinstance(error, rexc.NoPermissionError):
+                    reason = f"NOPERM {reason}"
+                self._refused[key] = reason
+                if not self._waiting.get(key):  # nobody to raise to: say it once here
+                    self._log.warning("events.subscribe_refused", channel=key[1],
+                                      error=reason)
+            elif error is not None:
+                self._log.warning("events.command_refused", command=command,
+                                  error=str(error))
+            self._cond.notify_all()
+        if command.endswith("SUBSCRIBE"):
             self._maybe_run_hooks()
-        elif kind in ("unsubscribe", "punsubscribe"):
-            key = ("channel" if kind == "unsubscribe" else "pattern", _text(reply[1]))
-            with self._cond:
-                gen, count = self._unacked.get(key, (self._gen, 0))
-                self._unacked[key] = (self._gen, count + 1 if gen == self._gen else 1)
-                self._cond.notify_all()
 
     def _deliver(self, key: _Key, channel: str, data: Any, pattern: str | None) -> None:
         handlers = self._handlers.get(key)
@@ -350,7 +437,7 @@ class Listener:
 
     def _maybe_run_hooks(self) -> None:
         with self._cond:
-            if not self._hooks_due or not all(self._is_confirmed(k) for k in self._handlers):
+            if not self._hooks_due or not all(self._is_settled(k) for k in self._handlers):
                 return
             self._hooks_due = False
             hooks = list(self._hooks)

@@ -2,21 +2,24 @@
 
 ::
 
-    flexisync demo [--workers N] [--url URL]
-    flexisync doctor [--url URL] [--json]
-    flexisync breakers [--json]            flexisync breaker open|close|reset NAME
-    flexisync locks [--json]
+    flexisync demo [--workers N]
+    flexisync doctor [--topic PATTERN]...
+    flexisync breakers                     flexisync breaker open|close|reset NAME
+    flexisync locks
     flexisync state get|set|del|keys SCOPE [KEY] [VALUE-JSON]
     flexisync events tail TOPIC            flexisync events publish TOPIC [DATA-JSON]
     flexisync stream read NAME [--after ID] [--follow]
 
 Every command takes ``--url`` (default: ``FLEXISYNC_URL``, else
-``redis://localhost:6379/0``) and ``--namespace`` (default ``flexisync``).
+``redis://localhost:6379/0``), ``--namespace`` (default ``flexisync``) and ``--json``.
+With ``--json`` a one-shot command prints exactly one JSON document on stdout; the
+streaming commands (``events tail``, ``stream read --follow``) print JSON Lines, one
+document per event.
 
 Exit codes: 0 success; 1 the command ran but found a problem (doctor warnings, a missing
-key); 2 bad input (usage, a malformed URL, name or JSON value); 3 Redis unreachable;
-130 interrupted. Errors go to stderr as one readable line, never as a traceback, and a
-password in a URL is never printed.
+key, stream or breaker); 2 bad input (usage, a malformed URL, name or JSON value); 3
+Redis unreachable; 130 interrupted. Errors go to stderr as one readable line, never as a
+traceback, and a password in a URL is never printed.
 """
 
 from __future__ import annotations
@@ -29,68 +32,69 @@ from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
-from flexisync._cli_common import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PROBLEM,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    UsageError,
-    error,
-)
+from flexisync._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe, error
 from flexisync._cli_doctor import run_doctor
 from flexisync._cli_inspect import register_inspection
 from flexisync._demo import run_demo
-from flexisync.errors import BackendUnavailable, ConfigError, FlexiSyncError
+from flexisync.errors import FlexiSyncError
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _common(*, json_output: bool) -> argparse.ArgumentParser:
+def _common() -> argparse.ArgumentParser:
+    """The options every command takes: --url, --namespace, --json."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--url", default=None,
                         help="Redis URL (default: $FLEXISYNC_URL, else redis://localhost:6379/0)")
     parent.add_argument("--namespace", default="flexisync",
                         help="key prefix shared by the application's processes "
                              "(default: flexisync)")
-    if json_output:
-        parent.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parent.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of text (JSON Lines, one "
+                             "per event, for events tail and stream read --follow)")
     return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flexisync`` command (one subparser per command)."""
-    data = _common(json_output=True)
-    plain = _common(json_output=False)
+    common = _common()
     parser = argparse.ArgumentParser(
         prog="flexisync",
         description="Coordinate worker processes through Redis: demo, health check, and "
                     "inspection of breakers, locks, state, events and streams.",
-        epilog="Exit codes: 0 ok, 1 problem found, 2 bad input, 3 Redis unreachable.",
+        epilog="Exit codes: 0 ok, 1 problem found (or not found), 2 bad input, 3 Redis "
+               "unreachable, 130 interrupted. --json: one JSON document per invocation; "
+               "JSON Lines for events tail and stream read --follow.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
-        "demo", parents=[plain], help="run a fleet of workers sharing one breaker, lock, "
+        "demo", parents=[common], help="run a fleet of workers sharing one breaker, lock, "
                                       "state store and event stream",
         description="Spawn worker processes that share a circuit breaker guarding a "
                     "simulated flaky LLM provider, a lock for a one-worker job, a state "
                     "store and events, and narrate what happens. Without --url or "
-                    "FLEXISYNC_URL it starts a throwaway redis-server.")
+                    "FLEXISYNC_URL it starts a throwaway redis-server. With --json the "
+                    "narration goes to stderr and the summary is the JSON document.")
     demo.add_argument("--workers", type=_positive_int, default=4,
                       help="worker processes to spawn (1-32, default 4)")
     demo.set_defaults(handler=run_demo)
 
     doctor = commands.add_parser(
-        "doctor", parents=[data], help="check that a Redis is fit for flexisync",
+        "doctor", parents=[common], help="check that a Redis is fit for flexisync",
         description="Check server version, round-trip time, maxmemory-policy (must be "
                     "noeviction), persistence, deployment mode and the ACL permissions "
-                    "flexisync needs. Exits 1 when something needs attention.")
+                    "flexisync needs. Exits 1 when something needs attention, 3 when Redis "
+                    "does not answer (with --json, the document reports that too).")
+    doctor.add_argument("--topic", dest="topics", action="append", default=[],
+                        metavar="PATTERN",
+                        help="a glob topic the application subscribes to (repeatable): "
+                             "checks that the ACL grants it literally")
     doctor.set_defaults(handler=run_doctor)
 
-    register_inspection(commands, data=data, plain=plain)
+    register_inspection(commands, common=common)
     return parser
 
 
@@ -130,12 +134,10 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if isinstance(exc, BackendUnavailable):
-        error(f"cannot reach Redis at {exc.address}"
-              + (f" ({exc.reason})" if exc.reason else ""))
-        return EXIT_UNAVAILABLE
-    error(str(exc))
-    return EXIT_USAGE if isinstance(exc, (ConfigError, UsageError)) else EXIT_PROBLEM
+    message, code = (describe(exc) if isinstance(exc, FlexiSyncError)
+                     else (str(exc), EXIT_USAGE))
+    error(message)
+    return code
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from flexisync._connection import (
     Backend,
     ConnectionSpec,
     RetryPolicy,
+    adopt_client,
     build_client,
     parse_url,
 )
@@ -49,15 +50,19 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
             reads ``FLEXISYNC_URL``, else ``redis://localhost:6379/0``.
         namespace: prefix of every key and channel; processes that should share
             objects use the same namespace.
-        client: an existing ``redis.Redis`` to use instead of a URL (its own retry
-            settings are kept).
+        client: an existing ``redis.Redis`` to use instead of a URL. flexisync talks to
+            the same server with the same settings (credentials, TLS, database) over a
+            pool of its own whose connections never retry by themselves and cap every
+            socket wait by the call's deadline, so the retry and deadline rules hold
+            whatever the client; the given client is left untouched and not closed.
         retry: how long to keep retrying while Redis is unreachable.
         redis_options: extra keyword arguments for ``redis.Redis`` (e.g.
-            ``socket_timeout=1.0``).
+            ``socket_timeout=1.0``), checked before anything is built.
 
     Raises:
-        ConfigError: malformed URL, unknown scheme, bad namespace, or ``client``
-            combined with ``url`` or ``redis_options``.
+        ConfigError: malformed URL, unknown scheme, bad namespace, an unknown redis
+            option (with the closest known name) or a timeout that is not a finite
+            number of seconds, or ``client`` combined with ``url`` or ``redis_options``.
     """
     keys = KeySpace(validate_name(namespace, "namespace"))
     policy = retry if retry is not None else RetryPolicy()
@@ -70,7 +75,8 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
             raise ConfigError(
                 f"client must be a redis.Redis instance, not {type(client).__name__}"
             )
-        backend = Backend(client, address=_client_address(client), retry=policy)
+        backend = Backend(adopt_client(client), address=_client_address(client),
+                          retry=policy)
         return Coordinator(backend, keys, spec=None)
     if url is None:
         url = os.environ.get("FLEXISYNC_URL") or DEFAULT_URL
@@ -179,8 +185,19 @@ class Coordinator:
         return bus
 
     def stream(self, name: str, *, maxlen: int | None = 10_000,
-               ttl: Duration | None = None) -> Stream:
-        """A durable :class:`~flexisync.streams.Stream` named ``name``. See that class."""
+               ttl: Duration | None = 604_800.0) -> Stream:
+        """A durable :class:`~flexisync.streams.Stream` named ``name``. See that class.
+
+        Args:
+            name: the stream's name; the same name in two processes is the same stream.
+            maxlen: about how many events to retain (trimmed in whole nodes); ``None``
+                keeps everything.
+            ttl: expire the stream this long after its last append, in seconds
+                (default 7 days, ``flexisync.streams.DEFAULT_TTL``); ``None`` = never.
+
+        Raises:
+            ConfigError: bad name, ``maxlen`` < 1, or ``ttl`` <= 0.
+        """
         from flexisync.streams import Stream  # noqa: PLC0415
 
         return Stream(self, validate_name(name, "stream name"), maxlen=maxlen,

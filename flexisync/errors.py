@@ -13,6 +13,7 @@ The tree::
     │   ├── LockNotOwnedError              release/extend of a lock this Lock does not hold
     │   └── LockLostError                  the lease lapsed or was taken away while held
     └── EventsTrimmed                      a resume point older than what the stream retains
+        └── UnknownResumePoint             a resume point the stream never issued
 
 Errors carry their data as attributes and build their own message, so callers match on
 types and read attributes instead of parsing text. Raw ``redis`` exceptions are
@@ -33,6 +34,7 @@ __all__ = [
     "LockLostError",
     "LockNotOwnedError",
     "LockTimeout",
+    "UnknownResumePoint",
 ]
 
 
@@ -155,3 +157,28 @@ class EventsTrimmed(FlexiSyncError):
             f"stream {stream!r} no longer holds events after {after!r} "
             f"(oldest retained: {oldest!r})"
         )
+
+
+class UnknownResumePoint(EventsTrimmed):
+    """A resume point this stream never issued: it lies beyond the newest id.
+
+    A fabricated id, or one of another stream (a browser's ``Last-Event-ID`` sent to
+    the wrong endpoint), would otherwise answer "caught up" and hold back every new
+    event until the clock passed it. It is an :class:`EventsTrimmed`, so
+    code that starts over on trimming starts over here too.
+
+    Attributes:
+        stream: the stream's name.
+        after: the id the reader asked to resume after.
+        oldest: always ``None`` (kept from :class:`EventsTrimmed`).
+        newest: the newest id the stream issued, or ``None`` when the stream does not
+            exist (then ``after`` lies beyond the Redis server's clock).
+    """
+
+    def __init__(self, stream: str, after: str, newest: str | None) -> None:
+        super().__init__(stream, after, None)
+        self.newest = newest
+        where = f"its newest id is {newest!r}" if newest else \
+            "it does not exist and the id is ahead of the server's clock"
+        Exception.__init__(
+            self, f"stream {stream!r} never issued {after!r}: {where}; start over")

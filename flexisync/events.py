@@ -13,9 +13,11 @@ How it works, and why:
   and appends it to the subscription's bounded queue: it never blocks and never runs
   user code, so it keeps draining the socket (Redis disconnects a pub/sub client whose
   output buffer overflows).
-* Each subscription has its own bounded queue; when it is full the *oldest* event is
+* Each subscription has its own queue, bounded in events (``maxsize``) and in bytes
+  (``max_bytes``, default 64 MiB); when either bound is passed the *oldest* events are
   dropped and counted, so a stalled consumer sees the newest events and costs bounded
-  memory.
+  memory. The queue holds the messages as received (bytes): they are decoded when
+  consumed, so ``max_bytes`` bounds what the queue holds, whatever the JSON decodes to.
 * A subscription with a callback has its own dispatcher thread, so a slow or raising
   callback never delays another subscription. A raising callback is logged
   (``events.callback_failed``) and counted; delivery goes on.
@@ -23,8 +25,13 @@ How it works, and why:
 Wire format: the message is JSON, ``{"flexisync": 1, "id": ..., "type": ..., "time": ...,
 "source": ..., "data": ...}``. Valid JSON that is not such an envelope (published by
 another program) is delivered with ``type="message"``, ``data`` = the parsed JSON, an
-empty ``id`` / ``source`` and ``time`` = when it arrived. A message that is not JSON is
-counted as ``invalid`` and dropped.
+empty ``id`` / ``source`` and ``time`` = when it arrived. A message that is not UTF-8
+JSON, nests deeper than 512 levels, or is an envelope with malformed fields (a ``type``
+that breaks the name rule...) is counted as ``invalid`` and dropped; foreign data never
+raises, never logs a traceback, and never stops delivery.
+
+Accounting, per subscription and process: ``received == delivered + invalid + dropped
++ queued`` at every moment (``queued`` includes a message being decoded).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import collections
 import contextlib
 import itertools
 import json
+import math
 import os
 import secrets
 import socket
@@ -43,21 +51,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flexisync._codec import MAX_DEPTH, dumps, loads
 from flexisync._durations import optional_seconds
 from flexisync._keys import is_pattern, validate_name, validate_pattern
 from flexisync._listener import Registration
 from flexisync._log import get_logger
-from flexisync.errors import ConfigError
+from flexisync.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
     from flexisync.coordinator import Coordinator
 
-__all__ = ["Event", "EventBus", "Subscription", "SubscriptionStats"]
+__all__ = ["DEFAULT_MAX_BYTES", "Event", "EventBus", "Subscription", "SubscriptionStats"]
 
 Callback = Callable[["Event"], Any]
 
 _ENVELOPE_VERSION = 1
-_decode = json.JSONDecoder().decode
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""Default ``max_bytes`` of a subscription's queue: 64 MiB of messages as received."""
 _HOST = socket.gethostname()
 
 
@@ -130,18 +140,6 @@ class _Ids:
 _ids = _Ids()
 
 
-def encode_data(data: Any, what: str = "data") -> str:
-    """``data`` as compact JSON.
-
-    Raises:
-        TypeError: ``data`` is not JSON-serializable (or is NaN / infinity).
-    """
-    try:
-        return json.dumps(data, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
-
-
 class EventBus:
     """Publish events to topics and subscribe to them; reach it as ``coordinator.events``.
 
@@ -182,13 +180,15 @@ class EventBus:
         Raises:
             ConfigError: bad topic, or a type that breaks the name rule (it becomes
                 an SSE ``event:`` line, so it may not hold spaces or newlines).
-            TypeError: ``data`` is not JSON-serializable (nothing is sent).
-            BackendUnavailable: Redis could not be reached within the retry budget.
+            TypeError: ``data`` is not JSON-serializable or nests deeper than 512
+                levels (nothing is sent).
+            BackendUnavailable: Redis could not be reached within the retry policy's
+                deadline (a stalled server included: the call is bounded by it).
         """
         channel = self._prefix + validate_name(topic, "topic")
         validate_name(type, "event type")
         event_id, source = _ids.next()
-        body = encode_data(data)
+        body = dumps(data, "data")
         message = (f'{{"flexisync":1,"id":"{event_id}","type":{json.dumps(type)},'
                    f'"time":{time.time()!r},"source":{json.dumps(source)},"data":{body}}}')
         # PUBLISH is not idempotent: retried only when it cannot have reached Redis.
@@ -199,7 +199,8 @@ class EventBus:
     # --- subscribing ---------------------------------------------------------------
 
     def subscribe(self, topic: str, callback: Callback | None = None, *,
-                  maxsize: int = 1000) -> Subscription:
+                  maxsize: int = 1000, max_bytes: int = DEFAULT_MAX_BYTES,
+                  timeout: float | None = None) -> Subscription:
         """Subscribe to a topic or a glob pattern of topics.
 
         Returns only once Redis has confirmed the subscription: an event published
@@ -209,29 +210,42 @@ class EventBus:
             topic: a topic, or a pattern with ``*``, ``?``, ``[...]`` (``"jobs.*"``).
             callback: called as ``callback(event)`` on the subscription's own
                 dispatcher thread. ``None``: pull events with ``get()`` or iteration.
-            maxsize: how many events may wait; when full the oldest is dropped.
+            maxsize: how many events may wait; past it the oldest is dropped.
+            max_bytes: how many bytes of messages (as received, before decoding) may
+                wait; past it the oldest are dropped. A single message larger than
+                this is dropped on arrival. Every drop is counted in ``stats.dropped``.
+            timeout: seconds to wait for Redis to confirm the subscription; ``None``
+                uses the retry policy's deadline.
 
         Raises:
-            ConfigError: bad topic/pattern, ``maxsize`` not an int >= 1, or
-                ``callback`` not callable.
-            BackendUnavailable: the subscription could not be confirmed in time.
+            ConfigError: bad topic/pattern, ``maxsize`` or ``max_bytes`` not an int
+                >= 1, bad ``timeout``, or ``callback`` not callable.
+            BackendError: Redis refused the subscription, e.g. ``NOPERM`` from an ACL
+                that does not allow the channel (other subscriptions are unaffected).
+            BackendUnavailable: the subscription was not confirmed within the timeout
+                (Redis down or stalled).
         """
         validate_pattern(topic, "topic")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigError(f"maxsize must be an int >= 1, got {maxsize!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ConfigError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
+        limit = optional_seconds(timeout, "timeout")
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback must be callable, not {type(callback).__name__}")
         listener = self._coordinator._listener
         self._ensure_reconnect_hook()
-        sub = Subscription(self, topic, callback, maxsize)
+        sub = Subscription(self, topic, callback, maxsize, max_bytes)
         with self._subs_lock:
             self._subs.add(sub)
         channel = self._prefix + topic
         try:
             if is_pattern(topic):
-                sub._registration = listener.psubscribe(channel, sub._on_message)
+                sub._registration = listener.psubscribe(channel, sub._on_message,
+                                                        timeout=limit)
             else:
-                sub._registration = listener.subscribe(channel, sub._on_message)
+                sub._registration = listener.subscribe(channel, sub._on_message,
+                                                       timeout=limit)
         except BaseException:
             sub.close()
             raise
@@ -315,28 +329,38 @@ class Subscription:
     With a callback, events are delivered on the subscription's own dispatcher thread.
     Without one, pull them with :meth:`get` or by iterating (which ends once the
     subscription is closed). A context manager: leaving the block closes it.
+
+    Attributes:
+        topic: the topic or pattern subscribed to.
+        maxsize: how many messages the queue holds at most.
+        max_bytes: how many bytes of messages (as received) the queue holds at most.
     """
 
     def __init__(self, bus: EventBus, topic: str, callback: Callback | None,
-                 maxsize: int) -> None:
+                 maxsize: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._bus = bus
         self.topic = topic
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self._callback = callback
         self._registration: Registration | None = None
         self._closed = False
-        self._received = 0
-        self._invalid = 0
         self._gaps = 0
+        self._oversize_logged = False
         self._reset_local()
 
     def _reset_local(self) -> None:
         """Queue, lock, counters and thread of this process (fresh after a fork)."""
         self._cond = threading.Condition(threading.Lock())
-        self._queue: collections.deque[Event] = collections.deque()
+        # Messages as received: (channel, payload, arrival time); decoded when consumed.
+        self._queue: collections.deque[tuple[str, bytes, float]] = collections.deque()
+        self._bytes = 0  # sum of the payload sizes in _queue
+        self._in_hand = 0  # taken off the queue, being decoded
+        self._received = 0
         self._delivered = 0
         self._dropped = 0
         self._errors = 0
+        self._invalid = 0
         self._gen = self._bus._coordinator.fork_generation
         self._thread: threading.Thread | None = None
         if self._callback is not None and not self._closed:
@@ -353,6 +377,10 @@ class Subscription:
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (``None``: until one comes).
 
+        Purely local (it never talks to Redis), so ``timeout`` bounds it whatever the
+        server does. Messages that turn out not to be valid events are counted in
+        ``stats.invalid`` and skipped.
+
         Returns:
             The oldest queued event, or ``None`` on timeout or once the subscription
             is closed.
@@ -366,19 +394,23 @@ class Subscription:
                                "subscriptions made without one")
         limit = optional_seconds(timeout, "timeout", allow_zero=True)
         deadline = None if limit is None else time.monotonic() + limit
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                if deadline is None:
-                    self._cond.wait()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+        cond, queue = self._cond, self._queue
+        while True:
+            with cond:
+                while not queue:
+                    if self._closed:
                         return None
-                    self._cond.wait(remaining)
-            self._delivered += 1
-            return self._queue.popleft()
+                    if deadline is None:
+                        cond.wait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return None
+                        cond.wait(remaining)
+                message = self._take()
+            event = self._decode(message)
+            if event is not None:
+                return event
 
     def __iter__(self) -> Iterator[Event]:
         """Yield events as they come; ends when the subscription is closed."""
@@ -390,13 +422,22 @@ class Subscription:
 
     @property
     def stats(self) -> SubscriptionStats:
-        """A snapshot of this subscription's counters in this process."""
+        """A snapshot of this subscription's counters in this process.
+
+        ``received == delivered + invalid + dropped + queued`` holds in every snapshot.
+        """
         with self._cond:
             return SubscriptionStats(
                 received=self._received, delivered=self._delivered, dropped=self._dropped,
                 errors=self._errors, invalid=self._invalid, gaps=self._gaps,
-                queued=len(self._queue),
+                queued=len(self._queue) + self._in_hand,
             )
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of messages waiting in the queue now (at most :attr:`max_bytes`)."""
+        with self._cond:
+            return self._bytes
 
     @property
     def closed(self) -> bool:
@@ -406,15 +447,18 @@ class Subscription:
     def close(self) -> None:
         """Unsubscribe. Idempotent.
 
-        Events still queued are discarded and the callback is not called again. It
-        waits up to 5 seconds for a callback that is running to return (not at all
-        when called from the callback itself). A blocked ``get()`` returns ``None``.
+        Events still queued are discarded (counted in ``stats.dropped``) and the
+        callback is not called again. It waits up to 5 seconds for a callback that is
+        running to return (not at all when called from the callback itself). A
+        blocked ``get()`` returns ``None``.
         """
         with self._cond:
             if self._closed:
                 return
             self._closed = True
+            self._dropped += len(self._queue)
             self._queue.clear()
+            self._bytes = 0
             self._cond.notify_all()
         if self._registration is not None:
             self._registration.close()
@@ -429,34 +473,61 @@ class Subscription:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- the listener side (runs on the listener thread: decode, enqueue, never block) --
+    # --- decoding (on the consuming thread, outside the lock) ------------------------
+
+    def _take(self) -> tuple[str, bytes, float]:
+        """Pop the oldest message; caller holds ``_cond`` and saw the queue non-empty."""
+        message = self._queue.popleft()
+        self._bytes -= len(message[1])
+        self._in_hand += 1
+        return message
+
+    def _decode(self, message: tuple[str, bytes, float]) -> Event | None:
+        """The event a message carries, or None (counted invalid) for foreign junk."""
+        channel, payload, arrived = message
+        topic = self._bus._topic_of(channel)
+        try:
+            # The envelope adds one level around data that dumps() kept within MAX_DEPTH.
+            event = _event(topic, loads(payload, topic, max_depth=MAX_DEPTH + 1), arrived)
+        except DecodeError:
+            event = None
+        with self._cond:
+            self._in_hand -= 1
+            if event is None:
+                self._invalid += 1
+            elif self.closed:  # close() ran while it was decoded: discarded with the rest
+                self._dropped += 1
+                return None
+            else:
+                self._delivered += 1
+        return event
+
+    # --- the listener side (runs on the listener thread: enqueue, never block) -------
 
     def _on_message(self, channel: str, payload: bytes, _pattern: str | None) -> None:
         if self._closed or self._gen != self._bus._coordinator.fork_generation:
             return  # closed, or a forked child before its fork hook rebuilt us
-        self._received += 1
-        try:
-            doc = _decode(payload.decode("utf-8"))
-        except ValueError:  # also UnicodeDecodeError
-            self._invalid += 1
-            return
-        topic = self._bus._topic_of(channel)
-        if isinstance(doc, dict) and doc.get("flexisync") == _ENVELOPE_VERSION:
-            event = Event(id=str(doc.get("id", "")), topic=topic,
-                          type=str(doc.get("type", "message")), data=doc.get("data"),
-                          time=_float(doc.get("time")), source=str(doc.get("source", "")))
-        else:
-            event = Event(id="", topic=topic, type="message", data=doc, time=time.time(),
-                          source="")
+        size = len(payload)
         with self._cond:
-            if self.closed:  # close() ran while this message was being decoded
+            if self.closed:  # close() ran meanwhile
                 return
-            queue = self._queue
-            if len(queue) >= self.maxsize:
-                queue.popleft()
+            self._received += 1
+            if size > self.max_bytes:  # could never fit: drop it now, say so once
                 self._dropped += 1
-            queue.append(event)
-            self._cond.notify()
+                oversize = not self._oversize_logged
+                self._oversize_logged = True
+            else:
+                oversize = False
+                queue = self._queue
+                queue.append((channel, payload, time.time()))
+                self._bytes += size
+                while len(queue) > self.maxsize or self._bytes > self.max_bytes:
+                    self._bytes -= len(queue.popleft()[1])
+                    self._dropped += 1
+                self._cond.notify()
+        if oversize:
+            self._bus._log.warning("events.message_too_large", topic=self.topic,
+                                   size=size, max_bytes=self.max_bytes)
 
     # --- the dispatcher (callback subscriptions) --------------------------------------
 
@@ -471,8 +542,10 @@ class Subscription:
                     cond.wait()
                 if self._closed:
                     return
-                event = queue.popleft()
-                self._delivered += 1
+                message = self._take()
+            event = self._decode(message)
+            if event is None:
+                continue
             try:
                 callback(event)
             except Exception:
@@ -482,13 +555,30 @@ class Subscription:
 
     def _after_fork(self) -> None:
         """In a forked child: new lock and queue, fresh counters, a new dispatcher."""
-        self._received = 0
-        self._invalid = 0
         self._gaps = 0
         self._reset_local()
 
 
-def _float(value: Any) -> float:
+def _event(topic: str, doc: Any, arrived: float) -> Event | None:
+    """The event a decoded message carries; None for a malformed flexisync envelope."""
+    if not (isinstance(doc, dict) and doc.get("flexisync") == _ENVELOPE_VERSION):
+        return Event(id="", topic=topic, type="message", data=doc, time=arrived, source="")
+    event_id, kind, source = doc.get("id", ""), doc.get("type", "message"), doc.get("source", "")
+    if not (isinstance(event_id, str) and isinstance(kind, str) and isinstance(source, str)):
+        return None
+    try:
+        validate_name(kind, "event type")  # it becomes an SSE `event:` line
+    except ConfigError:
+        return None
+    return Event(id=event_id, topic=topic, type=kind, data=doc.get("data"),
+                 time=_float(doc.get("time"), arrived), source=source)
+
+
+def _float(value: Any, default: float) -> float:
+    """``value`` as finite float seconds, else ``default`` (foreign envelopes lie)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return time.time()
+        with contextlib.suppress(OverflowError):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+    return default

@@ -3,32 +3,46 @@
 How it works, one place for all of it:
 
 * **Lease.** ``acquire`` runs one Lua script (one round trip): ``SET lease token NX PX
-  ttl`` and, when that succeeds, ``INCR`` of the lock's fencing counter, whose new value
-  is returned. The token is random per acquisition (plus ``host:pid`` for humans), so
-  only the acquisition that set the lease can extend or release it. A retried acquire
-  whose first reply was lost finds its own token and gets its own fencing token back.
-* **Fencing tokens** strictly increase per lock name, across processes and across lease
-  expiry (the counter never expires). Pass the token to the resource you protect and
-  let it reject a smaller one: that is what keeps a holder that stalled past its lease
-  (GC pause, network stall) from doing damage.
+  ttl`` and, when that succeeds, the lock's next fencing token, which is returned. The
+  token is random per acquisition (plus ``host:pid`` for humans), so only the
+  acquisition that set the lease can extend or release it. A retried acquire whose
+  first reply was lost finds its own token and gets its own fencing token back; an
+  acquire whose outcome stays unknown (no reply before its deadline) drops whatever it
+  may have set (``lock_abandon``, one bounded round trip) before raising.
+* **Fencing tokens** strictly increase per lock name, across processes, lease expiry,
+  the counter's own expiry and a server that lost its data: the counter counts up by
+  one, expires after :data:`FENCE_IDLE_TTL` unused, and restarts from the server's
+  clock in microseconds (never from 1), see ``lock_lib.lua``. Pass the token to the
+  resource you protect and let it reject a smaller one: that is what keeps a holder
+  that stalled past its lease (GC pause, network stall) from doing damage.
+* **Release** is idempotent per token: the script leaves a marker key "released by
+  token T" that expires a few seconds later, so a retry after a lost reply, or a
+  renewal that raced the release, hears "released", never "lost".
+* **Deadlines.** ``acquire(timeout=t)`` computes one absolute deadline and passes it to
+  every round trip, the wake-up subscription and the sleep; release, extend and each
+  renewal are bounded by the retry policy (a renewal also by the lease itself).
 * **Waiting.** A waiter subscribes to the lock's wake-up channel (on the process's one
   listener connection) *before* its final attempt, then sleeps on a condition that the
   release's ``PUBLISH`` wakes: handoff costs about one round trip, no polling. It also
   re-attempts when the holder's remaining TTL has elapsed (a crashed holder publishes
-  nothing) and after the listener reconnects (messages may have been missed).
+  nothing) and after the listener reconnects (messages may have been missed). Each
+  waiting call has its own handler; the channel is unsubscribed when the last one here
+  stops waiting, so nothing lingers per lock name.
 * **Fair mode** keeps a FIFO queue of waiters in Redis (each entry expires unless its
   waiter refreshes it, so a dead waiter leaves the queue); a free lock goes to the head
   of the queue only, and the release names the head so other waiters stay asleep.
 * **auto_renew** uses one watchdog thread per Coordinator for every held auto-renewing
   lock; it resets each lease at ttl/3. A renewal that finds the lease gone marks the lock
-  ``lost``, logs ``lock.lost`` and calls ``on_lost(lock)`` on a thread of its own.
+  ``lost``, logs ``lock.lost`` and calls ``on_lost(lock)`` on a thread of its own; a
+  renewal that meets this Lock's own release (locally, or through the release's marker
+  in Redis) is not a loss.
 * **Fork.** A forked child holds nothing: Lock objects it inherited report not owned,
   never touch the parent's lease, and no watchdog runs in the child until it acquires.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 import socket
@@ -60,11 +74,21 @@ if TYPE_CHECKING:
 
 __all__ = ["Lock", "LockInfo", "list_locks"]
 
-# A fair-mode queue entry lives this long unless its waiter refreshes it (seconds); a
-# waiter refreshes it three times per period, so only a dead waiter's entry expires.
+#: A fair-mode queue entry lives this long unless its waiter refreshes it (seconds); a
+#: waiter refreshes it three times per period, so only a dead waiter's entry expires.
 QUEUE_ENTRY_TTL = 3.0
-# Wake-up subscriptions nobody waited on for this long are dropped (seconds).
-_IDLE_SUBSCRIPTION = 30.0
+#: A lock's fencing counter expires after this long without an acquire (seconds; at
+#: least twice the lease). Tokens keep increasing after that: the counter restarts from
+#: the Redis server's clock in microseconds (``lock_lib.lua``).
+FENCE_IDLE_TTL = 86400.0
+#: How far a call with a ``timeout`` may overrun it, at most twice (seconds): the last
+#: acquire attempt gets at least this long to answer, and so does the clean-up round
+#: trip after a fault or a timeout (dropping a lease a lost reply may have set, leaving
+#: the fair queue). A healthy Redis answers in well under a millisecond.
+GRACE = 0.25
+# A release is remembered (for retries of it) this much longer than the retry policy's
+# deadline (seconds).
+_RELEASE_MEMORY = 2.0
 # A waiter re-checks at least this often even without a wake-up (seconds): a safety net
 # for a holder whose lease has no expiry (a key someone else wrote).
 _MAX_SLEEP = 5.0
@@ -104,27 +128,25 @@ class LockInfo:
 
 
 class _Wakeups:
-    """One lock name's wake-up channel in this process, shared by all its waiters."""
+    """One waiting ``acquire``'s wake-up subscription and the condition it sleeps on."""
 
-    __slots__ = ("cond", "data", "idle_since", "refs", "registration", "seq")
+    __slots__ = ("cond", "data", "registration", "seq")
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.seq = 0
         self.data = b""
-        self.refs = 0
-        self.idle_since = time.monotonic()
         self.registration: Registration | None = None
 
     def on_message(self, _channel: str, data: bytes, _pattern: str | None) -> None:
-        """Listener-thread handler: record the message and wake every waiter."""
+        """Listener-thread handler: record the message and wake the waiter."""
         with self.cond:
             self.seq += 1
             self.data = data
             self.cond.notify_all()
 
     def poke(self) -> None:
-        """Wake every waiter with no message (they re-attempt)."""
+        """Wake the waiter with no message (it re-attempts)."""
         with self.cond:
             self.seq += 2  # never looks like exactly one named wake-up
             self.data = b""
@@ -132,7 +154,7 @@ class _Wakeups:
 
 
 class _Runtime:
-    """Everything lock-related one Coordinator runs: subscriptions and the watchdog."""
+    """Everything lock-related one Coordinator runs: wake-ups and the watchdog."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = weakref.ref(coordinator)
@@ -142,7 +164,7 @@ class _Runtime:
 
     def _reset(self) -> None:
         self.mutex = threading.Lock()
-        self.wakeups: dict[str, _Wakeups] = {}
+        self.waits: set[_Wakeups] = set()
         self.locks: weakref.WeakSet[Lock] = weakref.WeakSet()
         self.renewing: dict[int, Lock] = {}
         self.cond = threading.Condition(threading.Lock())
@@ -152,43 +174,56 @@ class _Runtime:
 
     # wake-ups
 
-    def join(self, name: str) -> _Wakeups:
-        """The subscribed wake-up channel of ``name``, with one more reference held."""
+    def join(self, name: str, deadline: float | None) -> _Wakeups:
+        """A wake-up subscription to ``name``'s channel for one waiting ``acquire``.
+
+        Every waiting call has its own handler on the process's one listener; the
+        listener subscribes the channel for the first and unsubscribes it when the last
+        one leaves, so nothing lingers for a lock nobody here waits on.
+
+        Raises:
+            BackendUnavailable: the Coordinator is closed, or Redis did not confirm
+                the subscription by ``deadline`` (else within the retry policy).
+        """
         coordinator = self._coordinator()
         if coordinator is None or coordinator.closed:
             address = coordinator._backend.address if coordinator is not None else "?"
             raise BackendUnavailable(address, reason="the Coordinator is closed")
+        listener = coordinator._listener
+        wakeups = _Wakeups()
         with self.mutex:
-            self._sweep()
-            wakeups = self.wakeups.get(name)
-            if wakeups is None:
-                wakeups = _Wakeups()
-                listener = coordinator._listener
-                if self.remove_hook is None:
-                    self.remove_hook = listener.add_reconnect_hook(self._poke_all)
-                channel = coordinator._keys.channel("lock", name)
-                wakeups.registration = listener.subscribe(channel, wakeups.on_message)
-                self.wakeups[name] = wakeups
-            wakeups.refs += 1
-            return wakeups
+            if self.remove_hook is None:
+                self.remove_hook = listener.add_reconnect_hook(self._poke_all)
+            self.waits.add(wakeups)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        try:
+            wakeups.registration = listener.subscribe(
+                coordinator._keys.channel("lock", name), wakeups.on_message, timeout=timeout)
+        except BaseException:
+            with self.mutex:
+                self.waits.discard(wakeups)
+            raise
+        return wakeups
 
-    def leave(self, wakeups: _Wakeups) -> None:
-        """Drop a reference taken by :meth:`join` (the subscription lingers a while)."""
+    def leave(self, wakeups: _Wakeups, *, acquired: bool = False) -> Registration | None:
+        """End a :meth:`join`: its handler goes, and the channel with the last one.
+
+        With ``acquired``, the handler is returned instead, for the new holder to drop
+        at its release: the UNSUBSCRIBE then costs nothing on the handoff path.
+        """
         with self.mutex:
-            wakeups.refs -= 1
-            wakeups.idle_since = time.monotonic()
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        for name, wakeups in list(self.wakeups.items()):
-            if wakeups.refs == 0 and now - wakeups.idle_since > _IDLE_SUBSCRIPTION:
-                del self.wakeups[name]
-                if wakeups.registration is not None:
-                    wakeups.registration.close()
+            self.waits.discard(wakeups)
+        registration = wakeups.registration
+        if acquired or registration is None:
+            return registration
+        registration.close(wait=False)
+        return None
 
     def _poke_all(self) -> None:
         # Runs on the listener thread after a reconnect: messages may have been missed.
-        for wakeups in list(self.wakeups.values()):
+        with self.mutex:
+            waits = list(self.waits)
+        for wakeups in waits:
             wakeups.poke()
 
     # the watchdog
@@ -230,7 +265,7 @@ class _Runtime:
                     _logger().exception("lock.renew_failed", lock=lock.name)
 
     def close(self) -> None:
-        """Stop the watchdog and drop every subscription (Coordinator.close)."""
+        """Stop the watchdog and end every wait (Coordinator.close)."""
         with self.cond:
             self.stopping = True
             self.renewing.clear()
@@ -239,19 +274,21 @@ class _Runtime:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
         with self.mutex:
-            for wakeups in self.wakeups.values():
-                if wakeups.registration is not None:
-                    wakeups.registration.close()
-                wakeups.poke()  # waiters re-attempt now and learn the Coordinator closed
-            self.wakeups.clear()
+            waits = list(self.waits)
+            self.waits.clear()
+        for wakeups in waits:
+            if wakeups.registration is not None:
+                wakeups.registration.close(wait=False)
+            wakeups.poke()  # waiters re-attempt now and learn the Coordinator closed
 
     def _after_fork(self) -> None:
-        # In the child: no thread exists, locks inherited from the parent are not ours.
+        # In the child: no thread exists, locks inherited from the parent are not ours,
+        # and no thread of the child is waiting (only the forking thread survives).
         locks = list(self.locks)
         remove_hook = self.remove_hook
-        for wakeups in self.wakeups.values():
+        for wakeups in self.waits:
             if wakeups.registration is not None:
-                wakeups.registration.close()  # the child's listener keeps registrations
+                wakeups.registration.close(wait=False)
         if remove_hook is not None:
             remove_hook()
         self._reset()
@@ -303,18 +340,25 @@ class Lock:
         keys = coordinator._keys
         self._key = keys.key("lock", name)
         self._fence_key = keys.key("lock", name, "fence")
+        # lock_release leaves "released by token T" here for a few seconds.
+        self._marker_prefix = keys.key("lock", name, "released") + ":"
         self._queue_key = keys.key("lock", name, "queue")
         self._queue_ttl_key = keys.key("lock", name, "queue", "ttl")
         self._channel = keys.channel("lock", name)
         # The scripts run in fair mode when given the queue keys.
         queue = [self._queue_key, self._queue_ttl_key] if self.fair else []
         self._acquire_keys = [self._key, self._fence_key, *queue]
-        self._release_keys = [self._key, *queue]
+        self._queue_keys = queue
+        self._abandon_keys = [self._key, *queue]
         self._queue_ms = to_ms(QUEUE_ENTRY_TTL)
+        self._fence_ms = to_ms(max(FENCE_IDLE_TTL, 2 * ttl))
+        # A release is remembered for longer than one call may keep retrying it.
+        self._released_ms = to_ms(self._backend.retry.deadline + _RELEASE_MEMORY)
         self._runtime = _runtime(coordinator)
         self._runtime.locks.add(self)
         self._mutex = threading.Lock()
         self._token: str | None = None
+        self._releasing: str | None = None  # the token a release() in progress gives up
         self._fence: int | None = None
         self._lease_ttl = ttl
         self._acquired_at = 0.0
@@ -322,6 +366,9 @@ class Lock:
         self._renew_at = math.inf
         self._lost = False
         self._inherited = False
+        # The wake-up handler of the wait that acquired, dropped at release.
+        self._parked: Registration | None = None
+        self._parked_finalizer: weakref.finalize[Any, Any] | None = None
 
     def __repr__(self) -> str:
         state = "lost" if self._lost else ("held" if self._token else "unheld")
@@ -332,6 +379,12 @@ class Lock:
 
     def acquire(self, blocking: bool = True, timeout: Duration | None = None) -> bool:
         """Take the lock; returns True when this Lock now holds it.
+
+        ``timeout`` bounds the wall time of the whole call, Redis round trips and
+        socket waits included, give or take one last bounded round trip: the final
+        attempt and a clean-up after a fault or a timeout may each overrun it by
+        :data:`GRACE` (0.25 s). Without a timeout (or with 0), each round trip is
+        bounded by the retry policy's ``deadline``.
 
         Args:
             blocking: False makes exactly one attempt (one round trip).
@@ -346,8 +399,11 @@ class Lock:
             ConfigError: ``timeout`` is negative or not a number, or given together
                 with ``blocking=False`` (checked before Redis is touched).
             LockError: this Lock object already holds the lock (not reentrant).
-            BackendUnavailable: Redis could not be reached; the lock is not held.
-            BackendError: Redis rejected the script.
+            BackendUnavailable: Redis could not be reached in time; the lock is not
+                held, and a lease a lost reply may have left behind was dropped (or, if
+                Redis stays unreachable, lapses within ``ttl``).
+            BackendError: Redis rejected the script (e.g. a foreign value in the
+                lock's keys); nothing is held.
         """
         wait: float | None
         if timeout is not None:
@@ -356,30 +412,45 @@ class Lock:
             wait = seconds(timeout, "timeout", allow_zero=True, allow_inf=True)
         else:
             wait = self.timeout if blocking else 0.0
+        # One absolute deadline for the whole call; every round trip is cut at it.
+        deadline = None if wait is None or math.isinf(wait) or wait == 0 \
+            else time.monotonic() + wait
         if self._token is not None:
             if not self.lost:
                 raise LockError(self.name, f"lock {self.name!r} is already held by this "
                                            "Lock object; locks are not reentrant")
             self._runtime.stop_renewing(self)  # a lost acquisition is simply dropped
             self._token = None
+        self._drop_parked()
         token = f"{os.urandom(10).hex()}:{_HOST}:{os.getpid()}"
         waiting = wait is None or wait > 0
-        if self._attempt(token, waiting)[0]:
+        if self._attempt(token, waiting, deadline)[0]:
             return True
         if not waiting:
             return False
-        deadline = None if wait is None or math.isinf(wait) else time.monotonic() + wait
         return self._wait(token, deadline)
 
-    def _attempt(self, token: str, waiting: bool) -> tuple[bool, int]:
-        """One acquire round trip: (acquired, holder's remaining ms or fence)."""
-        args: list[Any] = [token, to_ms(self.ttl)]
+    def _attempt(self, token: str, waiting: bool,
+                 deadline: float | None = None) -> tuple[bool, int]:
+        """One acquire round trip: (acquired, holder's remaining ms or fence).
+
+        When the outcome is unknown (no reply in time, or an error), whatever the
+        attempt may have set is dropped before the error is raised, so no lease is left
+        that nobody holds.
+        """
+        args: list[Any] = [token, to_ms(self.ttl), self._fence_ms]
         if self.fair:
             args += ["1" if waiting else "0", self._queue_ms]
         started = time.monotonic()
         script = self._backend.script("lock_acquire")
-        reply = self._backend.call(
-            "lock.acquire", lambda _c: script(keys=self._acquire_keys, args=args))
+        bound = None if deadline is None else max(deadline, started + GRACE)
+        try:
+            reply = self._backend.call(
+                "lock.acquire", lambda _c: script(keys=self._acquire_keys, args=args),
+                deadline=bound)
+        except BaseException:
+            self._abandon(token)
+            raise
         if int(reply[0]) != 1:
             return False, int(reply[1])
         with self._mutex:
@@ -396,19 +467,45 @@ class Lock:
             self._runtime.start_renewing(self)
         return True, self._fence
 
+    def _abandon(self, token: str) -> None:
+        """Drop the lease ``token`` may hold and its queue entry; one bounded round trip.
+
+        Best effort: if Redis cannot be told, the lease lapses within ``ttl`` and the
+        queue entry within :data:`QUEUE_ENTRY_TTL`.
+        """
+        if self._backend.closed:
+            return  # the Coordinator is closed: nothing can be sent
+        try:
+            dropped = self._backend.run_script(
+                "lock.abandon", "lock_abandon", self._abandon_keys, [token, self._channel],
+                deadline=time.monotonic() + GRACE)
+        except FlexiSyncError as exc:
+            _logger().warning("lock.abandon_failed", lock=self.name, error=str(exc))
+            return
+        if int(dropped):
+            _logger().info("lock.abandoned", lock=self.name,
+                           reason="an acquire whose outcome was unknown had set the lease")
+
     def _wait(self, token: str, deadline: float | None) -> bool:
         """Wait for a wake-up, re-attempting; the subscription precedes every attempt."""
         runtime = self._runtime
-        wakeups = runtime.join(self.name)
+        try:
+            wakeups = runtime.join(self.name, deadline)
+        except BackendUnavailable:
+            self._leave_queue(token)
+            if deadline is not None and time.monotonic() >= deadline:
+                return False  # the wait ran out while subscribing: a plain timeout
+            raise
         refresh = QUEUE_ENTRY_TTL / 3 if self.fair else _MAX_SLEEP
         mine = token.encode()
         attempt = True
         recheck = 0.0
+        acquired = False
         try:
             while True:
                 seen = wakeups.seq
                 if attempt:
-                    acquired, pttl = self._attempt(token, True)
+                    acquired, pttl = self._attempt(token, True, deadline)
                     if acquired:
                         return True
                     # Re-attempt when the holder's lease runs out (a crashed holder
@@ -436,22 +533,29 @@ class Lock:
                     return False
                 attempt = not (woke and named_other and now < recheck)
         finally:
-            runtime.leave(wakeups)
+            parked = runtime.leave(wakeups, acquired=acquired)
+            if parked is not None:
+                self._park(parked)
+
+    def _park(self, registration: Registration) -> None:
+        """Keep the wake-up handler of the wait that acquired until this Lock releases
+        (or acquires again, or is garbage-collected)."""
+        self._drop_parked()
+        self._parked = registration
+        finalizer = weakref.finalize(self, functools.partial(registration.close, wait=False))
+        finalizer.atexit = False  # the Coordinator's close drops everything at exit
+        self._parked_finalizer = finalizer
+
+    def _drop_parked(self) -> None:
+        finalizer = self._parked_finalizer
+        if finalizer is not None:
+            self._parked = self._parked_finalizer = None
+            finalizer()  # closes the parked registration once, without waiting
 
     def _leave_queue(self, token: str) -> None:
-        if not self.fair:
-            return
-        queue, expiries = self._queue_key, self._queue_ttl_key
-
-        def leave(client: Any) -> Any:
-            pipe = client.pipeline(transaction=True)
-            pipe.zrem(queue, token)
-            pipe.zrem(expiries, token)
-            return pipe.execute()
-
-        # The entry expires by itself within QUEUE_ENTRY_TTL if this fails.
-        with contextlib.suppress(FlexiSyncError):
-            self._backend.call("lock.leave_queue", leave)
+        """A fair waiter that gives up leaves the queue (one bounded round trip)."""
+        if self.fair:
+            self._abandon(token)
 
     # --- release / extend --------------------------------------------------------------
 
@@ -467,7 +571,9 @@ class Lock:
         """Give the lock up and wake the next waiter (one round trip).
 
         Whatever the outcome, this Lock no longer holds the lock afterwards; if Redis
-        could not be told, the lease lapses by itself after at most ``ttl``.
+        could not be told, the lease lapses by itself after at most ``ttl``. A release
+        retried after a lost reply reports the release that happened (the script
+        remembers the tokens it released). Bounded by the retry policy's ``deadline``.
 
         Raises:
             LockNotOwnedError: this Lock does not hold the lock: never acquired,
@@ -479,32 +585,36 @@ class Lock:
             token = self._token
             if token is None:
                 raise LockNotOwnedError(self.name, self._not_owned_reason())
+            # From here on a renewal or owned() that finds the lease gone is looking at
+            # this release, not at a loss.
+            self._releasing = token
         self._runtime.stop_renewing(self)
-        script = self._backend.script("lock_release")
-        args = [token, self._channel]
-        attempts = 0
-
-        def run(_client: Any) -> Any:
-            nonlocal attempts
-            attempts += 1
-            return script(keys=self._release_keys, args=args)
-
         try:
-            outcome = _text(self._backend.call("lock.release", run))
-            # A retry after a lost reply finds its own release done: "expired".
-            done = outcome == "released" or (outcome == "expired" and attempts > 1)
-            if not done:
-                self._mark_lost(token, f"release found the lease {outcome}")
+            outcome = _text(self._backend.run_script(
+                "lock.release", "lock_release",
+                [self._key, self._marker(token), *self._queue_keys],
+                [token, self._channel, self._released_ms]))
+            if outcome != "released":
+                self._mark_lost(token, f"release found the lease {outcome}", releasing=True)
         finally:
             with self._mutex:
                 if self._token == token:
                     self._token = None
                     self._fence = None
                     self._renew_at = math.inf
-        if not done:
+                if self._releasing == token:
+                    self._releasing = None
+            self._drop_parked()
+        if outcome != "released":
             raise LockNotOwnedError(self.name, self._lapsed_reason(outcome, "release"))
 
+    def _marker(self, token: str) -> str:
+        """The key in which lock_release remembers that ``token`` released its lease."""
+        return self._marker_prefix + token.partition(":")[0]
+
     def _lapsed_reason(self, outcome: str, operation: str) -> str:
+        if outcome == "released":
+            return "not held by this Lock: it was released"
         held = time.monotonic() - self._acquired_at
         who = ("another holder has it now" if outcome == "taken"
                else "nobody holds it now (it expired or was deleted)")
@@ -515,6 +625,9 @@ class Lock:
 
     def extend(self, ttl: Duration | None = None) -> None:
         """Reset the lease to ``ttl`` seconds from now (one round trip).
+
+        Idempotent: a retry after a lost reply extends again. Bounded by the retry
+        policy's ``deadline``.
 
         Args:
             ttl: the new lease; ``None`` uses the Lock's ``ttl``. Later auto-renewals
@@ -534,10 +647,11 @@ class Lock:
         if outcome != "extended":
             raise LockNotOwnedError(self.name, self._lapsed_reason(outcome, "extend"))
 
-    def _extend(self, token: str, ttl: float) -> str:
+    def _extend(self, token: str, ttl: float, deadline: float | None = None) -> str:
         started = time.monotonic()
-        outcome = _text(self._backend.run_script("lock.extend", "lock_extend", [self._key],
-                                                 [token, to_ms(ttl)]))
+        outcome = _text(self._backend.run_script(
+            "lock.extend", "lock_extend", [self._key, self._marker(token)],
+            [token, to_ms(ttl)], deadline=deadline))
         if outcome == "extended":
             with self._mutex:
                 if self._token == token:
@@ -545,18 +659,27 @@ class Lock:
                     self._lease_deadline = started + ttl
                     if self.auto_renew:
                         self._renew_at = started + ttl / 3
-        else:
+        elif outcome != "released":  # "released": our own release won the race
             self._mark_lost(token, f"extend found the lease {outcome}")
         return outcome
 
     def _renew(self) -> None:
-        """Watchdog: renew the lease once; mark it lost when that proves impossible."""
-        token = self._token
+        """Watchdog: renew the lease once; mark it lost when that proves impossible.
+
+        The renewal is cut at the local lease deadline (or after :data:`GRACE` when
+        the watchdog comes late: Redis still knows whether the token holds the lease),
+        so one stalled renewal never holds up the other locks' renewals for long.
+        """
+        with self._mutex:
+            token = self._token
+            if token is None or self._releasing == token:
+                token = None
         if token is None:
             self._runtime.stop_renewing(self)
             return
         try:
-            self._extend(token, self._lease_ttl)
+            self._extend(token, self._lease_ttl,
+                         deadline=max(self._lease_deadline, time.monotonic() + GRACE))
         except (BackendUnavailable, BackendError) as exc:
             now = time.monotonic()
             if now >= self._lease_deadline:
@@ -565,15 +688,23 @@ class Lock:
                 self._renew_at = now + min(self._lease_ttl / 10, 0.5)
                 _logger().warning("lock.renew_failed", lock=self.name, error=str(exc))
 
-    def _mark_lost(self, token: str, reason: str) -> None:
+    def _mark_lost(self, token: str, reason: str, *, releasing: bool = False) -> None:
+        """Mark the acquisition ``token`` lost (once), log it and call ``on_lost``.
+
+        A finding made while this Lock's own release of ``token`` is under way (a
+        renewal or ``owned()`` that saw the lease already deleted) is not a loss; only
+        the release itself (``releasing=True``) may report one then.
+        """
         with self._mutex:
             if self._token != token or self._lost:
+                return
+            if self._releasing == token and not releasing:
                 return
             self._lost = True
             fence = self._fence
         self._runtime.stop_renewing(self)
         _logger().warning("lock.lost", lock=self.name, reason=reason, fencing_token=fence,
-                     held_for=round(time.monotonic() - self._acquired_at, 3))
+                          held_for=round(time.monotonic() - self._acquired_at, 3))
         callback = self.on_lost
         if callback is not None:
             threading.Thread(target=self._call_on_lost, args=(callback,),
@@ -586,10 +717,12 @@ class Lock:
             _logger().exception("lock.on_lost_failed", lock=self.name)
 
     def _forget_after_fork(self) -> None:
+        self._drop_parked()  # the listener has already forgotten the parent's socket
         self._mutex = threading.Lock()
         if self._token is not None:
             self._inherited = True
         self._token = None
+        self._releasing = None
         self._fence = None
         self._renew_at = math.inf
         self._lost = False

@@ -10,21 +10,26 @@ TTL rules, one place for all of them:
   expiry yet, i.e. when the increment creates it: a counter with a TTL counts a fixed
   window and is not extended by every increment.
 
-Values are JSON: a value read from Redis never executes code.
+Values are JSON: a value read from Redis never executes code. Anything read is treated
+as foreign (another program may have written the key): bytes that are not UTF-8 JSON,
+nesting deeper than ``MAX_DEPTH`` (512) levels, or a key of another Redis type (a hash, a
+list...) raise :class:`~flexisync.DecodeError` naming the key, never anything else.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import redis.exceptions as rexc
+
+from flexisync._codec import dumps, loads
 from flexisync._durations import Duration, optional_seconds, to_ms
 from flexisync._keys import validate_name
-from flexisync.errors import ConfigError, DecodeError, FlexiSyncError
+from flexisync.errors import BackendError, ConfigError, DecodeError, FlexiSyncError
 
 if TYPE_CHECKING:
     from flexisync.coordinator import Coordinator
@@ -34,33 +39,38 @@ __all__ = ["StateStore"]
 _MISSING = object()
 _SCAN_COUNT = 500
 _UPDATE_ATTEMPTS = 10_000
+_INT64 = 2**63
 
 
-def encode(value: Any) -> str:
-    """``value`` as compact JSON.
+def _wrong_type(key: str, kind: str) -> DecodeError:
+    return DecodeError(key, f"the key holds a Redis {kind}, not a value flexisync wrote")
 
-    Raises:
-        TypeError: ``value`` (or something inside it) is not JSON-serializable, or is
-            NaN / infinity, which JSON cannot carry.
-    """
+
+class _Foreign(str):
+    """What ``_get_or_type`` returns for a key of another Redis type: the type's name."""
+
+    __slots__ = ()
+
+
+def _get_or_type(rkey: str, client: Any) -> Any:
+    """GET ``rkey``; for a key of another type, its type name as a :class:`_Foreign`."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except ValueError as exc:  # NaN, inf, circular reference
-        raise TypeError(f"value is not JSON-serializable: {exc}") from None
-    except TypeError as exc:
-        raise TypeError(f"value is not JSON-serializable: {exc}") from None
-
-
-def decode(key: str, raw: bytes | str) -> Any:
-    """Parse a stored value; :class:`DecodeError` if it is not JSON."""
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(key, str(exc)) from None
+        return client.get(rkey)
+    except rexc.ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        return _Foreign(_text(client.type(rkey)))
 
 
 def _mget(keys: list[str], client: Any) -> Any:
     return client.mget(keys)
+
+
+def _types(keys: list[str], client: Any) -> list[str]:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    return [_text(kind) for kind in pipe.execute()]
 
 
 def _delete(keys: list[str], client: Any) -> Any:
@@ -96,6 +106,13 @@ class StateStore:
     def _key(self, key: object) -> str:
         return self._prefix + validate_name(key, "state key")
 
+    @staticmethod
+    def _decode(key: str, raw: bytes | str) -> Any:
+        """A value read by ``_get_or_type``: JSON, or a :class:`_Foreign` type name."""
+        if isinstance(raw, _Foreign):
+            raise _wrong_type(key, raw)
+        return loads(raw, key)
+
     def _ttl(self, ttl: Duration | None) -> float | None:
         value = optional_seconds(ttl, "ttl")
         return self.default_ttl if value is None else value
@@ -110,10 +127,11 @@ class StateStore:
                 default either, the value never expires.
 
         Raises:
-            TypeError: ``value`` is not JSON-serializable (nothing is written).
+            TypeError: ``value`` is not JSON-serializable or nests deeper than 512
+                levels (nothing is written).
             ConfigError: bad key, or ``ttl`` <= 0.
         """
-        rkey, raw, seconds = self._key(key), encode(value), self._ttl(ttl)
+        rkey, raw, seconds = self._key(key), dumps(value), self._ttl(ttl)
         px = to_ms(seconds) if seconds is not None else None
         self._backend.call("state.set", lambda c: c.set(rkey, raw, px=px))
 
@@ -121,11 +139,12 @@ class StateStore:
         """The value under ``key``, or ``default`` when missing or expired.
 
         Raises:
-            DecodeError: the stored bytes are not JSON (something else wrote them).
+            DecodeError: something else wrote the key: its bytes are not UTF-8 JSON,
+                nest deeper than 512 levels, or it holds another Redis type.
         """
         rkey = self._key(key)
-        raw = self._backend.call("state.get", lambda c: c.get(rkey))
-        return default if raw is None else decode(key, raw)
+        raw = self._backend.call("state.get", partial(_get_or_type, rkey))
+        return default if raw is None else self._decode(key, raw)
 
     def add(self, key: str, value: Any, *, ttl: Duration | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent; True when it was stored.
@@ -133,7 +152,7 @@ class StateStore:
         Raises:
             TypeError: ``value`` is not JSON-serializable (nothing is written).
         """
-        rkey, raw, seconds = self._key(key), encode(value), self._ttl(ttl)
+        rkey, raw, seconds = self._key(key), dumps(value), self._ttl(ttl)
         px = to_ms(seconds) if seconds is not None else None
         done = self._backend.call("state.add", lambda c: c.set(rkey, raw, px=px, nx=True))
         return bool(done)
@@ -178,6 +197,8 @@ class StateStore:
             TypeError: ``fn`` returned something that is not JSON-serializable (nothing
                 is written).
             ConfigError: ``fn`` is not callable, bad key, or ``ttl`` <= 0.
+            DecodeError: the current value was written by something else (see
+                :meth:`get`); ``fn`` is not called and nothing is written.
         """
         if not callable(fn):
             raise ConfigError(f"fn must be callable, not {type(fn).__name__}")
@@ -186,9 +207,9 @@ class StateStore:
         script = self._backend.script("state_cas")
         delay = 0.0005
         for _ in range(_UPDATE_ATTEMPTS):
-            raw = self._backend.call("state.update", lambda c: c.get(rkey))
-            current = default if raw is None else decode(key, raw)
-            new_raw = encode(fn(current))
+            raw = self._backend.call("state.update", partial(_get_or_type, rkey))
+            current = default if raw is None else self._decode(key, raw)
+            new_raw = dumps(fn(current))
             expected = ("0", "") if raw is None else ("1", raw)
             written = self._backend.call(
                 "state.update",
@@ -196,8 +217,10 @@ class StateStore:
                     keys=[rkey], args=[e[0], e[1], n, mode, ms]),
                 idempotent=False,
             )
+            if isinstance(written, (bytes, str)):  # "wrongtype": replaced since the GET
+                raise _wrong_type(key, "value of another type")
             if written:
-                return json.loads(new_raw)
+                return loads(new_raw, key)
             time.sleep(delay)  # back off a little under heavy contention
             delay = min(delay * 2, 0.02)
         raise FlexiSyncError(f"update of {key!r} lost the race {_UPDATE_ATTEMPTS} times")
@@ -213,15 +236,31 @@ class StateStore:
             The new value.
 
         Raises:
-            ConfigError: ``amount`` is not an int, bad key, or ``ttl`` <= 0.
-            BackendError: the stored value is not an integer.
+            ConfigError: ``amount`` is not an int in [-2**63, 2**63), bad key, or
+                ``ttl`` <= 0.
+            BackendError: the stored value is not a JSON integer within 64 bits (a
+                float, a string...), or the sum would leave that range; the value is
+                left unchanged and the message says which.
+            DecodeError: another program put a non-string Redis type (a hash...) there.
         """
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise ConfigError(f"amount must be an int, not {type(amount).__name__}")
+        if not -_INT64 <= amount < _INT64:
+            raise ConfigError(f"amount must fit in 64 bits, got {amount}")
         rkey, seconds = self._key(key), self._ttl(ttl)
         ms = str(to_ms(seconds)) if seconds is not None else ""
-        return int(self._backend.run_script("state.incr", "state_incr", [rkey],
-                                            [amount, ms], idempotent=False))
+        outcome, value = self._backend.run_script("state.incr", "state_incr", [rkey],
+                                                  [amount, ms], idempotent=False)
+        outcome = _text(outcome)
+        if outcome == "ok":
+            return int(value)
+        if outcome == "wrongtype":
+            raise _wrong_type(key, _text(value))
+        if outcome == "overflow":
+            raise BackendError("state.incr", f"adding {amount} to {key!r} would leave the "
+                               "64-bit integer range; the value is unchanged")
+        raise BackendError("state.incr", f"the value of {key!r} is not an integer "
+                           "(incr needs a JSON integer within 64 bits); it is unchanged")
 
     # --- the whole scope ---------------------------------------------------------------
 
@@ -234,15 +273,25 @@ class StateStore:
         yield from self._backend.call("state.keys", scan_all)
 
     def keys(self) -> list[str]:
-        """The keys currently stored in this scope (sorted)."""
+        """Every key currently in this scope (sorted), whoever wrote it.
+
+        A key another program wrote is listed too, even when its value is not one
+        flexisync can read: :meth:`items` and :meth:`get` raise
+        :class:`~flexisync.DecodeError` naming it, and :meth:`clear` deletes it.
+        """
         cut = len(self._prefix)
         return sorted(k[cut:] for k in self._scan())
 
     def items(self) -> dict[str, Any]:
         """Every key and value currently stored in this scope.
 
+        It holds the keys :meth:`keys` lists, minus those that expire meanwhile; a key
+        is never skipped silently.
+
         Raises:
-            DecodeError: a stored value is not JSON.
+            DecodeError: a key of the scope was written by something else (its value
+                is not UTF-8 JSON within 512 levels, or it is a hash, a list...); the
+                error names the first such key in sorted order.
         """
         rkeys = sorted(self._scan())
         result: dict[str, Any] = {}
@@ -250,9 +299,16 @@ class StateStore:
         for start in range(0, len(rkeys), _SCAN_COUNT):
             chunk = rkeys[start:start + _SCAN_COUNT]
             raws: list[Any] = self._backend.call("state.items", partial(_mget, chunk))
+            missing = [rkey for rkey, raw in zip(chunk, raws, strict=True) if raw is None]
+            # MGET answers nil both for a key that expired since the SCAN and for a key
+            # of another type: ask which, rather than skip a foreign key silently.
+            kinds = dict(zip(missing, self._backend.call(
+                "state.items", partial(_types, missing)), strict=True)) if missing else {}
             for rkey, raw in zip(chunk, raws, strict=True):
-                if raw is not None:  # expired between SCAN and MGET
-                    result[rkey[cut:]] = decode(rkey[cut:], raw)
+                if raw is not None:
+                    result[rkey[cut:]] = loads(raw, rkey[cut:])
+                elif kinds[rkey] not in ("none", "string"):
+                    raise _wrong_type(rkey[cut:], kinds[rkey])
         return result
 
     def clear(self) -> int:

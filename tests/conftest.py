@@ -17,6 +17,7 @@ import redis
 import flexisync
 from flexisync.embedded import EmbeddedRedis, start
 from flexisync.testing import delete_namespace, unique_namespace
+from tests.faults import FaultProxy
 
 
 @pytest.fixture
@@ -54,3 +55,14 @@ def own_server() -> Iterator[EmbeddedRedis]:
 def mp(request: pytest.FixtureRequest) -> Any:
     """A multiprocessing context, once with fork and once with spawn."""
     return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture
+def proxy(own_server: EmbeddedRedis) -> Iterator[FaultProxy]:
+    """A :class:`~tests.faults.FaultProxy` in front of a private redis-server.
+
+    Connect through ``proxy.url()``; ``stall()``, ``delay()``, ``cut()`` and ``refuse()``
+    make the network misbehave, and ``own_server`` is still there to kill or pause.
+    """
+    with FaultProxy(own_server.port) as fault_proxy:
+        yield fault_proxy

@@ -5,26 +5,25 @@
 -- ARGV[3]  trip: open period in ms ("" = the current open period, else ARGV[4])
 -- ARGV[4]  recovery_timeout in ms
 -- Returns snapshot. trip never shortens an open period and leaves forced_open and
--- disabled alone; reset always publishes, so every mirror re-syncs.
-local op = ARGV[2]
-local st = get('state', 'closed')
+-- disabled alone; reset always publishes, so every mirror re-syncs. forced_open and
+-- disabled are manual states: the record then has no expiry until reset.
+local op = arg_word(2, {trip = true, force_open = true, disable = true, reset = true})
+local period = arg_ms_or_nil(3)
+local recovery = arg_int(4, 1, MAX_MS)
+check_record(false)
+local st = state_now()
 if op == 'trip' then
-  local ms = tonumber(ARGV[3]) or num('open_ms', tonumber(ARGV[4]))
-  redis.call('HSETNX', H, 'open_ms', ARGV[4])
-  if open_for(ms) then return publish() end
-  return snapshot()
-elseif op == 'force_open' then
-  if st == 'forced_open' then return snapshot() end
-  redis.call('HSET', H, 'state', 'forced_open', 'probe_ok', 0)
+  local ms = period or num('open_ms', recovery)
+  redis.call('HSETNX', H, 'open_ms', recovery)
+  if open_for(ms) then return publish(st) end
+  return snapshot(st)
+elseif op == 'force_open' or op == 'disable' then
+  local target = 'forced_open'
+  if op == 'disable' then target = 'disabled' end
+  if st == target then return snapshot(st) end
+  redis.call('HSET', H, 'state', target, 'probe_ok', 0)
   redis.call('DEL', P)
-  return publish()
-elseif op == 'disable' then
-  if st == 'disabled' then return snapshot() end
-  redis.call('HSET', H, 'state', 'disabled', 'probe_ok', 0)
-  redis.call('DEL', P)
-  return publish()
-elseif op == 'reset' then
-  close()
-  return publish()
+  return publish(st)
 end
-return redis.error_reply('unknown breaker command ' .. op)
+close()
+return publish(st)

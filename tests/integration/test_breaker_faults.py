@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +13,7 @@ from structlog.testing import capture_logs
 import flexisync
 from flexisync.embedded import EmbeddedRedis
 from flexisync.testing import unique_namespace
+from tests.faults import FaultProxy
 from tests.helpers import wait_until
 
 
@@ -139,3 +142,47 @@ def test_state_is_re_read_after_the_listener_reconnects(
                    message="re-read after reconnect")
     finally:
         client.close()
+
+
+def test_failing_calls_do_not_queue_behind_a_hung_redis(proxy: FaultProxy) -> None:
+    """Redis hung (half-open TCP): six threads failing at once each return within one
+    bounded round trip (none waits behind another), and once the outage is known, the
+    next failing calls of this and of any other breaker of the Coordinator go to
+    ``on_backend_error`` at once, without touching Redis; when Redis answers again the
+    breakers share state again."""
+    policy = flexisync.RetryPolicy(initial=0.01, maximum=0.05, deadline=2.0)
+    with flexisync.connect(proxy.url(), namespace=unique_namespace(), retry=policy,
+                           socket_timeout=2.0) as sync:
+        breaker = sync.breaker("provider", failure_threshold=100)
+        other = sync.breaker("other", failure_threshold=100)
+        assert breaker.state == "closed"
+        assert other.state == "closed"
+        proxy.stall()
+        barrier = threading.Barrier(6)
+        elapsed: list[float] = []
+
+        def failing_call() -> None:
+            barrier.wait(5)
+            start = time.monotonic()
+            with pytest.raises(ProviderDown):
+                breaker.call(fail)
+            elapsed.append(time.monotonic() - start)
+
+        threads = [threading.Thread(target=failing_call) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert len(elapsed) == 6
+        # One round trip is bounded by the 2 s deadline; serialized they took 2..12 s.
+        assert max(elapsed) < 4.5, f"failing calls queued: {sorted(elapsed)}"
+        for each in (breaker, other):
+            start = time.monotonic()
+            with pytest.raises(ProviderDown):
+                each.call(fail)
+            assert time.monotonic() - start < 1.0, "a call waited for the known outage"
+            assert not each.stats().backend_available
+        proxy.resume()
+        wait_until(lambda: breaker.stats().backend_available
+                   and other.stats().backend_available, timeout=10,
+                   message="breakers back on the shared state")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
+import select
 import signal
 from typing import Any
 
@@ -191,3 +194,63 @@ def test_breaker_used_before_fork_works_in_the_child(
     assert kind == "rejected"
     assert retry_after is not None
     assert 10 < retry_after <= 20
+
+
+def _fork_without_hooks() -> int:
+    """fork() as uWSGI does it by default (from C): Python's at-fork hooks do not run.
+
+    ``PyDLL`` keeps the GIL held across the call, so the child owns it.
+    """
+    return int(ctypes.PyDLL(None).fork())
+
+
+def _child_calls(breaker: flexisync.CircuitBreaker, go: int, report: int) -> None:
+    """In the hook-less child: once told the breaker was forced open, make 100 calls
+    and report how many reached the provider."""
+    code = 1
+    try:
+        os.read(go, 1)
+        reached = 0
+
+        def provider() -> None:
+            nonlocal reached
+            reached += 1
+
+        for _ in range(100):
+            with contextlib.suppress(flexisync.CircuitOpenError):
+                breaker.call(provider)
+        os.write(report, f"{reached}".encode())
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def test_child_forked_without_fork_hooks_hears_transitions(
+        sync: flexisync.Coordinator) -> None:
+    """A child forked from C (no at-fork hooks, no user call) with a breaker on its
+    zero-round-trip closed path notices the fork on its next call and mirrors the
+    shared state: after another process forced the breaker open, none of 100 calls
+    reaches the provider (it used to be 100 of 100)."""
+    breaker = sync.breaker("provider")
+    assert breaker.call(lambda: "warm") == "warm"
+    assert breaker.stats().state == "closed"
+    go_read, go_write = os.pipe()
+    report_read, report_write = os.pipe()
+    pid = _fork_without_hooks()
+    if pid == 0:
+        _child_calls(breaker, go_read, report_write)
+    os.close(report_write)
+    try:
+        breaker.force_open()
+        os.write(go_write, b"x")
+        ready, _, _ = select.select([report_read], [], [], 30)
+        assert ready, "the hook-less child did not report"
+        reached = int(os.read(report_read, 16) or b"-1")
+    finally:
+        finished, _status = os.waitpid(pid, os.WNOHANG)
+        if finished == 0:  # still running: it failed to report in time
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in (go_read, go_write, report_read):
+            os.close(fd)
+    assert reached == 0, f"{reached} of 100 calls reached the provider of a forced-open breaker"

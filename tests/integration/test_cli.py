@@ -17,7 +17,7 @@ import structlog
 
 import flexisync
 from flexisync import cli, embedded
-from flexisync._cli_doctor import recommended_acl
+from flexisync._cli_doctor import Check, diagnose
 from tests.helpers import wait_until
 
 FLEXISYNC = str(Path(sys.executable).parent / "flexisync")
@@ -109,7 +109,7 @@ def test_doctor_finds_a_missing_permission_with_acl_dryrun(
     line = next(line for line in out.splitlines() if "permissions" in line)
     assert line.startswith("FAIL")
     assert "PUBLISH" in line
-    assert "ACL DRYRUN" not in line  # found by DRYRUN, reported as a denial
+    assert "denied (ACL DRYRUN)" in line  # says how it was found
     assert "app-secret-pw" not in out + err
     assert "redis://app:***@" in out
 
@@ -124,28 +124,60 @@ def test_doctor_probes_commands_when_dryrun_is_not_allowed(
     line = next(line for line in out.splitlines() if "permissions" in line)
     assert "XADD" in line
     assert "PUBLISH" not in line
+    assert "denied (running each once)" in line
 
 
-def test_documented_acl_grants_everything_flexisync_needs(
+def test_doctor_finds_a_glob_topic_the_acl_does_not_grant_literally(
         capsys: pytest.CaptureFixture[str], own_server: embedded.EmbeddedRedis) -> None:
-    """The least-privilege ACL that the doctor suggests (and docs/operating.md shows)
-    passes every check, and works for the primitives themselves."""
-    acl = recommended_acl("flexisync", "app").split()
-    assert acl[:5] == ["ACL", "SETUSER", "app", "on", ">CHANGE-ME"]
-    url = _restricted_user(own_server, *acl[5:])
-    code, out, _ = run(capsys, "doctor", "--url", url)
-    assert code == 0, out
-    assert "all 38 commands flexisync uses are allowed (running each once)" in out
-    docs = Path(__file__).resolve().parents[2] / "docs" / "operating.md"
-    assert recommended_acl("flexisync", "app") in docs.read_text()
+    """&flexisync:* does not let a user PSUBSCRIBE to flexisync:events:jobs.* (Redis
+    compares patterns literally): with --topic the doctor fails and names the grant;
+    without, it says glob topics need one, instead of 'all commands are allowed'."""
+    url = _restricted_user(own_server, "~flexisync:*", "&flexisync:*", "+@all", "-@admin")
+    code, out, _ = run(capsys, "doctor", "--url", url, "--topic", "jobs.*", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 1
+    assert checks["permissions"]["status"] == "ok"
+    assert checks["topics"]["status"] == "fail"
+    assert "&flexisync:events:jobs.*" in checks["topics"]["detail"]
+    code, out, _ = run(capsys, "doctor", "--url", url, "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["topics"]["status"] == "info"
+    assert "--topic" in checks["topics"]["detail"]
+
+
+@pytest.mark.parametrize("dryrun", [True, False], ids=["acl-dryrun", "running-each"])
+def test_doctor_reports_each_missing_command(
+        dryrun: bool, own_server: embedded.EmbeddedRedis) -> None:
+    """PSUBSCRIBE, SELECT and CLIENT SETNAME refused are each named, whether found by
+    ACL DRYRUN or by running the commands."""
+    rules = ["~flexisync:*", "&flexisync:*", "+@all", "-psubscribe", "-client|setname",
+             "-select"]
+    url = _restricted_user(own_server, *rules, *([] if dryrun else ["-@admin"]))
+    report = diagnose_as(url)
+    assert report["permissions"].status == "fail"
+    for command in ("PSUBSCRIBE", "SELECT", "CLIENT SETNAME"):
+        assert command in report["permissions"].detail
+
+
+def test_doctor_reports_a_connection_the_acl_refuses(
+        capsys: pytest.CaptureFixture[str], own_server: embedded.EmbeddedRedis) -> None:
+    """A user who may not SELECT its database cannot even connect: the doctor says so
+    in its report (exit 1) instead of one bare error line."""
+    url = _restricted_user(own_server, "~flexisync:*", "&flexisync:*", "+@all", "-select")
+    code, out, _ = run(capsys, "doctor", "--url", url.replace("/0", "/2"), "--json")
+    report = json.loads(out)
+    assert code == 1
+    assert report["ok"] is False
+    [check] = report["checks"]
+    assert check["name"] == "connection"
+    assert check["status"] == "fail"
+    assert "select" in check["detail"].lower()
+
+
+def diagnose_as(url: str) -> dict[str, Check]:
+    """The doctor's checks for ``url``, by name."""
     with flexisync.connect(url) as sync:
-        sync.state("s").update("n", lambda v: v + 1, default=0)
-        with sync.lock("job", ttl=5):
-            sync.stream("log").append({"ok": True})
-        sync.breaker("b").trip(retry_after=5)
-        with sync.events.subscribe("t") as sub:
-            sync.events.publish("t", 1)
-            assert sub.get(timeout=10) is not None
+        return {c.name: c for c in diagnose(sync)}
 
 
 def test_doctor_on_a_dead_server_exits_3(capsys: pytest.CaptureFixture[str],
@@ -218,7 +250,7 @@ def test_breaker_commands_change_the_fleet(capsys: pytest.CaptureFixture[str],
     """open/close/reset from the command are mirrored by a breaker in another client."""
     breaker = sync.breaker("payments")
     assert breaker.state == "closed"
-    code, out, _ = run(capsys, "breaker", "open", "payments", *target)
+    code, out, _ = run(capsys, "breaker", "open", "payments", "--create", *target)
     assert (code, out.strip()) == (0, "breaker 'payments' is now forced_open")
     wait_until(lambda: breaker.state == "forced_open", 5.0, message="forced_open mirrored")
     run(capsys, "breaker", "close", "payments", *target)
@@ -233,6 +265,56 @@ def test_breaker_commands_change_the_fleet(capsys: pytest.CaptureFixture[str],
     wait_until(lambda: breaker.state == "closed", 5.0, message="reset mirrored")
 
 
+@pytest.mark.parametrize("action", ["open", "close", "reset"])
+def test_breaker_command_on_an_unknown_name_exits_1_and_creates_nothing(
+        action: str, capsys: pytest.CaptureFixture[str], target: list[str],
+        raw: redis.Redis, namespace: str) -> None:
+    """`breaker reset <typo>` used to create a breaker: now it is "not found" (exit 1),
+    and nothing is written; `open --create` is the explicit way to make a new one."""
+    code, out, err = run(capsys, "breaker", action, "paymnets", *target)
+    assert (code, out) == (1, "")
+    assert "no breaker 'paymnets'" in err
+    assert list(raw.scan_iter(match=f"{namespace}:*")) == []
+    assert run(capsys, "breakers", "--json", *target)[1].strip() == "[]"
+    code, out, _ = run(capsys, "breaker", "open", "paymnets", "--create", "--json", *target)
+    assert code == 0
+    assert json.loads(out)["state"] == "forced_open"
+
+
+def test_breaker_open_for_is_honoured_whatever_the_state(
+        capsys: pytest.CaptureFixture[str], target: list[str],
+        sync: flexisync.Coordinator) -> None:
+    """`open --for S` opens for S seconds from now: it replaces forced_open (where a trip
+    is ignored) and a longer open period (which a trip never shortens)."""
+    breaker = sync.breaker("llm")
+    breaker.force_open()
+    code, out, _ = run(capsys, "breaker", "open", "llm", "--for", "30", "--json", *target)
+    info = json.loads(out)
+    assert code == 0
+    assert info["state"] == "open"
+    assert 25 < info["retry_after"] <= 30
+    breaker.trip(retry_after=600)
+    code, out, _ = run(capsys, "breaker", "open", "llm", "--for", "5", "--json", *target)
+    assert json.loads(out)["state"] == "open"
+    assert 0 < json.loads(out)["retry_after"] <= 5
+
+
+@pytest.mark.parametrize(("manual", "command"), [
+    ("force_open", "close"), ("disable", "close"), ("force_open", "reset"),
+    ("disable", "reset"), ("trip", "close")])
+def test_breaker_close_and_reset_end_every_state(
+        manual: str, command: str, capsys: pytest.CaptureFixture[str], target: list[str],
+        sync: flexisync.Coordinator) -> None:
+    """`close` and `reset` are one documented operation: closed now, failures and backoff
+    cleared, from open, forced_open or disabled alike."""
+    breaker = sync.breaker("search")
+    getattr(breaker, manual)()
+    code, out, _ = run(capsys, "breaker", command, "search", "--json", *target)
+    info = json.loads(out)
+    assert code == 0
+    assert (info["state"], info["failures"], info["open_period"]) == ("closed", 0, None)
+
+
 def test_locks_lists_holder_ttl_and_fencing_token(capsys: pytest.CaptureFixture[str],
                                                   target: list[str],
                                                   sync: flexisync.Coordinator) -> None:
@@ -240,6 +322,7 @@ def test_locks_lists_holder_ttl_and_fencing_token(capsys: pytest.CaptureFixture[
     assert run(capsys, "locks", *target)[1].strip() == "no locks held in this namespace"
     first = sync.lock("report", ttl=60)
     first.acquire()
+    earlier = first.fencing_token
     first.release()
     lock = sync.lock("report", ttl=60)
     lock.acquire()
@@ -247,7 +330,9 @@ def test_locks_lists_holder_ttl_and_fencing_token(capsys: pytest.CaptureFixture[
     [row] = json.loads(out)
     assert code == 0
     assert row["name"] == "report"
-    assert row["fencing_token"] == lock.fencing_token == 2
+    assert row["fencing_token"] == lock.fencing_token
+    assert earlier is not None
+    assert row["fencing_token"] > earlier
     assert row["holder"].endswith(f":{os.getpid()}")
     assert 0 < row["ttl"] <= 60
     lock.release()
@@ -301,7 +386,7 @@ def test_stream_read_after_an_id_and_follow(capsys: pytest.CaptureFixture[str],
     code, out, _ = run(capsys, "stream", "read", "exec-42", "--after", ids[0], "--json",
                        *target)
     assert code == 0
-    assert [json.loads(line)["id"] for line in out.splitlines()] == ids[1:]
+    assert [event["id"] for event in json.loads(out)] == ids[1:]  # one document
     code, out, _ = run(capsys, "stream", "read", "exec-42", *target)
     assert len(out.splitlines()) == 3
     assert '{"line":0}' in out.splitlines()[0]
@@ -316,6 +401,31 @@ def test_stream_read_after_an_id_and_follow(capsys: pytest.CaptureFixture[str],
     assert result == [0]
     printed = json.loads(capsys.readouterr().out)
     assert (printed["id"], printed["data"]) == (new_id, {"line": "live"})
+
+
+def test_stream_read_of_a_missing_stream_exits_1(capsys: pytest.CaptureFixture[str],
+                                                target: list[str]) -> None:
+    """A stream that does not exist is "not found" (exit 1, a message), as documented;
+    it used to print nothing and exit 0."""
+    code, out, err = run(capsys, "stream", "read", "exec-nope", *target)
+    assert (code, out) == (1, "")
+    assert "no stream 'exec-nope'" in err
+
+
+def test_stream_read_follow_waits_for_a_stream_that_does_not_exist_yet(
+        capsys: pytest.CaptureFixture[str], target: list[str],
+        sync: flexisync.Coordinator) -> None:
+    """--follow on a stream not yet created says so on stderr and prints its first event."""
+    result: list[int] = []
+    follower = threading.Thread(target=lambda: result.append(cli.main(
+        ["stream", "read", "later", "--follow", "--count", "1", "--timeout", "30", "--json",
+         *target])))
+    follower.start()
+    new_id = sync.stream("later").append({"first": True})
+    follower.join(30.0)
+    captured = capsys.readouterr()
+    assert result == [0]
+    assert json.loads(captured.out)["id"] == new_id
 
 
 def test_stream_read_rejects_a_malformed_id(capsys: pytest.CaptureFixture[str],
@@ -338,6 +448,30 @@ def test_stream_read_of_trimmed_history_explains(capsys: pytest.CaptureFixture[s
     code, _, err = run(capsys, "stream", "read", "short", "--after", first, *target)
     assert code == 1
     assert "no longer holds events" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["breakers"], ["locks"], ["state", "get", "cfg", "mode"], ["state", "keys", "cfg"],
+    ["state", "set", "cfg", "other", "[1, 2]"], ["state", "del", "cfg", "gone"],
+    ["events", "publish", "cfg.changed", '{"k": 1}'], ["stream", "read", "audit"],
+    ["breaker", "open", "llm"], ["breaker", "close", "llm"], ["breaker", "reset", "llm"],
+    ["doctor"],
+], ids=" ".join)
+def test_json_is_one_document_for_every_one_shot_command(
+        argv: list[str], capsys: pytest.CaptureFixture[str], target: list[str],
+        sync: flexisync.Coordinator) -> None:
+    """With --json a one-shot command prints exactly one JSON document (a stream read
+    used to print JSON Lines; state del and events publish rejected --json)."""
+    sync.state("cfg").set("mode", "canary")
+    sync.state("cfg").set("gone", 1)
+    sync.stream("audit").append({"n": 1})
+    sync.stream("audit").append({"n": 2})
+    sync.breaker("llm").trip(retry_after=60)
+    code, out, err = run(capsys, *argv, "--json", *target)
+    assert code == 0, err
+    assert out.endswith("\n")
+    assert out.count("\n") == 1, out
+    json.loads(out)
 
 
 # --- through the console script --------------------------------------------------------
@@ -402,16 +536,27 @@ def test_demo_runs_end_to_end_on_an_embedded_server() -> None:
     assert "fleet recovered together: yes (3 of 3 workers saw it close again)" in out
     assert "ran 1 time(s)" in out
     assert "worker 1: 4, worker 2: 4, worker 3: 4" in out
+    narration, summary = out.split("\nSummary\n")
+    assert "[" not in summary, "a narration line printed after the summary"
+    stamps = [float(line[1:line.index("s]")]) for line in narration.splitlines()
+              if line.startswith("[")]
+    assert len(stamps) > 10
+    assert stamps == sorted(stamps), "narration printed out of order"
 
 
 @pytest.mark.slow
-def test_demo_on_a_given_url_cleans_up_its_namespace(
+def test_demo_on_a_given_url_prints_json_and_cleans_up_its_namespace(
         capsys: pytest.CaptureFixture[str], flexisync_url: str, namespace: str,
         raw: redis.Redis) -> None:
-    """With --url the demo uses that server and deletes every key it wrote."""
-    code, out, _ = run(capsys, "demo", "--workers", "2", "--url", flexisync_url,
-                       "--namespace", namespace)
-    assert code == 0, out
-    assert "throwaway" not in out
-    assert "fleet recovered together: yes" in out
+    """With --url the demo uses that server and deletes every key it wrote; --json
+    prints the summary as one document."""
+    code, out, err = run(capsys, "demo", "--workers", "2", "--url", flexisync_url,
+                         "--namespace", namespace, "--json")
+    assert code == 0, err
+    summary = json.loads(out)  # --json: the summary is the one document, narration on stderr
+    assert summary["ok"] is True
+    assert summary["recovered_together"] is True
+    assert len(summary["job"]["runs"]) == 1
+    assert "throwaway" not in err
+    assert "every worker saw the breaker turn closed" in err
     assert list(raw.scan_iter(match=f"{namespace}-demo-*")) == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -345,3 +347,214 @@ def test_other_bad_arguments(sync: flexisync.Coordinator) -> None:
         sync.events.subscribe("t").get(timeout=-1)
     with pytest.raises(RuntimeError, match="callback"):
         sync.events.subscribe("t", lambda _e: None).get(timeout=0)
+
+
+# --- memory bounded in bytes (issue 9, section 4) -----------------------------------------
+
+
+def test_unread_queue_is_bounded_in_bytes_dropping_the_oldest(
+        sync: flexisync.Coordinator) -> None:
+    """40 messages of ~1 MB into an unread subscription with max_bytes=4 MiB: at most
+    4 MiB stays queued (the newest), the rest is counted dropped; others unaffected."""
+    stalled = sync.events.subscribe("big", max_bytes=4 * 1024 * 1024)
+    counter = sync.events.subscribe("big", lambda _e: None)
+    blob = "x" * 1_000_000
+    for i in range(40):
+        sync.events.publish("big", {"i": i, "blob": blob})
+    wait_until(lambda: stalled.stats.received == 40, message="all 40 received")
+    stats = stalled.stats
+    assert stalled.queued_bytes <= 4 * 1024 * 1024
+    assert stats.queued == 4
+    assert stats.dropped == 36
+    assert stats.received == stats.delivered + stats.invalid + stats.dropped + stats.queued
+    kept = [stalled.get(timeout=0) for _ in range(4)]
+    assert [e.data["i"] for e in kept if e is not None] == [36, 37, 38, 39]
+    assert stalled.queued_bytes == 0
+    wait_until(lambda: counter.stats.delivered == 40, message="the reading subscription")
+    assert counter.stats.dropped == 0
+
+
+def test_message_larger_than_max_bytes_is_dropped_and_logged_once(
+        sync: flexisync.Coordinator) -> None:
+    """A message that could never fit is dropped on arrival (counted, one warning)."""
+    sub = sync.events.subscribe("huge", max_bytes=1000)
+    with capture_logs() as logs:
+        sync.events.publish("huge", "y" * 2000)
+        sync.events.publish("huge", "y" * 2000)
+        sync.events.publish("huge", "small")
+        event = sub.get(timeout=5)
+    assert event is not None
+    assert event.data == "small"
+    assert (sub.stats.received, sub.stats.dropped, sub.stats.delivered) == (3, 2, 1)
+    assert [e["event"] for e in logs].count("events.message_too_large") == 1
+
+
+def test_default_byte_bound_is_64_mib(sync: flexisync.Coordinator) -> None:
+    """Without max_bytes a subscription holds at most 64 MiB of messages."""
+    assert sync.events.subscribe("t").max_bytes == 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1, True, 1.5, "10", None])
+def test_subscribe_rejects_bad_max_bytes(sync: flexisync.Coordinator,
+                                         max_bytes: object) -> None:
+    """max_bytes must be an int >= 1; nothing is subscribed otherwise."""
+    with pytest.raises(flexisync.ConfigError, match="max_bytes"):
+        sync.events.subscribe("t", max_bytes=max_bytes)  # type: ignore[arg-type]
+
+
+# --- steady state does not grow with the names ever used (issue 9, section 6) ---------
+
+
+def _listener_entries(sync: flexisync.Coordinator) -> int:
+    """Entries in every table the listener holds (dicts, lists, sets, deques)."""
+    return sum(len(value) for value in vars(sync._listener).values()
+               if isinstance(value, (dict, list, set, collections.deque)))
+
+
+def test_listener_tables_return_to_their_size_after_subscribe_close_cycles(
+        sync: flexisync.Coordinator) -> None:
+    """2,000 subscribe/close cycles on distinct topics leave the listener's tables as
+    they were: entries go when Redis confirms the unsubscribe. Replies stay matched to
+    their commands (a later subscribe is confirmed) after idle PINGs."""
+    keep = sync.events.subscribe("keep")
+    baseline = _listener_entries(sync)
+    for i in range(2000):
+        sync.events.subscribe(f"cycle.{i}").close()
+    with sync.events.subscribe("cycle.*"):
+        pass
+    wait_until(lambda: _listener_entries(sync) == baseline,
+               message=f"listener tables back to {baseline} (now {_listener_entries(sync)})")
+    sync.events.publish("keep", 1)
+    assert keep.get(timeout=5) is not None
+    # With nothing subscribed, PINGs get plain replies; they are accounted for too.
+    keep.close()
+    listener = sync._listener
+    sent, listener.ping_interval = listener._sent, 0.01
+    wait_until(lambda: listener._sent >= sent + 3 and not listener._pending,
+               message="idle PINGs answered")
+    again = sync.events.subscribe("again", timeout=3)
+    sync.events.publish("again", 2)
+    assert again.get(timeout=5) is not None
+
+
+# --- a channel the ACL refuses (issue 9, section 6) --------------------------------------
+
+
+@pytest.fixture
+def acl_server(own_server: Any) -> Iterator[tuple[Any, redis.Redis]]:
+    """A private server with user ``limited`` (password ``pw``) allowed every command
+    but only the channels ``acl:events:ok*``."""
+    admin = redis.Redis(port=own_server.port)
+    admin.execute_command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all",
+                          "resetchannels", "&acl:events:ok*")
+    yield own_server, admin
+    admin.close()
+
+
+def _limited(server: Any) -> flexisync.Coordinator:
+    return flexisync.connect(f"redis://limited:pw@127.0.0.1:{server.port}/0", namespace="acl")
+
+
+def test_refused_channel_raises_noperm_and_the_listener_keeps_serving(
+        acl_server: tuple[Any, redis.Redis]) -> None:
+    """subscribe() of a channel the ACL refuses raises BackendError naming NOPERM at once;
+    the listener stays on its connection (no reconnect, no warning flood) and the
+    healthy subscription keeps receiving."""
+    server, _admin = acl_server
+    with _limited(server) as sync:
+        healthy = sync.events.subscribe("ok.1")
+        generation = sync._listener.generation
+        with capture_logs() as logs:
+            started = time.monotonic()
+            with pytest.raises(flexisync.BackendError, match="NOPERM"):
+                sync.events.subscribe("secret", timeout=3.0)
+            with pytest.raises(flexisync.BackendError, match="NOPERM"):
+                sync.events.subscribe("sec*", timeout=3.0)
+            assert time.monotonic() - started < 2.0, "the refusal must not wait for a timeout"
+            sync.events.publish("ok.1", "still here")
+            event = healthy.get(timeout=5)
+            also = sync.events.subscribe("ok.2")
+            sync.events.publish("ok.2", "new")
+            assert also.get(timeout=5) is not None
+        assert event is not None
+        assert event.data == "still here"
+        assert sync._listener.generation == generation, "the listener reconnected"
+        assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+        assert healthy.stats.gaps == 0
+
+
+def test_channel_refused_after_a_reconnect_does_not_stop_hooks_or_hide_gaps(
+        acl_server: tuple[Any, redis.Redis]) -> None:
+    """When the ACL revokes a subscribed channel, Redis drops the connection; the
+    listener reconnects once, resubscribes the rest, counts the gap on the healthy
+    subscription, runs the reconnect hooks, and warns once, without a reconnect loop."""
+    server, admin = acl_server
+    with _limited(server) as sync:
+        healthy = sync.events.subscribe("ok.1")
+        doomed = sync.events.subscribe("ok.doomed")
+        hooks = threading.Event()
+        sync.events.on_reconnect(hooks.set)
+        generation = sync._listener.generation
+        with capture_logs() as logs:
+            admin.execute_command("ACL", "SETUSER", "limited", "resetchannels",
+                                  "&acl:events:ok.1")
+            assert hooks.wait(10), "the reconnect hooks did not run"
+            wait_until(lambda: healthy.stats.gaps == 1, message="the gap is counted")
+            sync.events.publish("ok.1", "after")
+            event = healthy.get(timeout=5)
+        assert event is not None
+        assert event.data == "after"
+        assert sync._listener.generation == generation + 1, "one reconnect, not a loop"
+        refusals = [e for e in logs if e["event"] == "events.subscribe_refused"]
+        assert len(refusals) == 1
+        assert "NOPERM" in refusals[0]["error"]
+        doomed.close()
+
+
+# --- bounded under a stalled server (issue 9, section 1) ---------------------------------
+
+
+@pytest.fixture
+def stalled(proxy: Any) -> Iterator[tuple[flexisync.Coordinator, Any]]:
+    """A Coordinator through the fault proxy with a 1 s retry deadline, one live
+    subscription, then the proxy stalled (a hung server)."""
+    retry = flexisync.RetryPolicy(deadline=1.0)
+    with flexisync.connect(proxy.url(), namespace="stall", retry=retry) as sync:
+        sub = sync.events.subscribe("live")
+        proxy.stall()
+        yield sync, sub
+        proxy.resume()
+
+
+def test_subscribe_under_a_stalled_server_raises_within_its_timeout(
+        stalled: tuple[flexisync.Coordinator, Any]) -> None:
+    """subscribe(timeout=1) raises BackendUnavailable within 1 s (+ margin) when the
+    server hangs, reporting the time it waited; the default waits the policy deadline.
+    get(timeout=) and close() of the live subscription stay bounded too."""
+    sync, sub = stalled
+    started = time.monotonic()
+    with pytest.raises(flexisync.BackendUnavailable, match="not confirmed") as caught:
+        sync.events.subscribe("new", timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0 + 1.5
+    assert caught.value.elapsed >= 0.9
+    started = time.monotonic()
+    with pytest.raises(flexisync.BackendUnavailable):
+        sync.events.subscribe("other")
+    assert time.monotonic() - started < 1.0 + 1.5
+    started = time.monotonic()
+    assert sub.get(timeout=0.5) is None
+    assert time.monotonic() - started < 0.5 + 1.5
+    started = time.monotonic()
+    sub.close()  # Redis never confirms the UNSUBSCRIBE: bounded by the ping timeout
+    assert time.monotonic() - started < sync._listener.ping_timeout + 1.5
+
+
+def test_publish_under_a_stalled_server_is_bounded_by_the_deadline(
+        stalled: tuple[flexisync.Coordinator, Any]) -> None:
+    """publish() raises BackendUnavailable within the retry deadline (+ margin)."""
+    sync, _sub = stalled
+    started = time.monotonic()
+    with pytest.raises(flexisync.BackendUnavailable):
+        sync.events.publish("live", 1)
+    assert time.monotonic() - started < 1.0 + 1.5

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -77,12 +78,13 @@ def test_acquire_script_is_idempotent_for_the_same_owner(sync: flexisync.Coordin
     """A retried acquire (same token, first reply lost) gets its own fence back, no new one."""
     lock = sync.lock("retry", ttl=5.0)
     keys = lock._acquire_keys
-    args = ["tok:host:1", 5000]
+    args = ["tok:host:1", 5000, 60_000]
     first = sync._backend.run_script("t", "lock_acquire", keys, args)
     again = sync._backend.run_script("t", "lock_acquire", keys, args)
-    assert [int(x) for x in first] == [1, 1]
-    assert [int(x) for x in again] == [1, 1]
-    other = sync._backend.run_script("t", "lock_acquire", keys, ["x:h:2", 5000])
+    assert int(first[0]) == 1
+    assert [int(x) for x in again] == [int(x) for x in first]
+    assert int(first[1]) == _fence_counter(sync, "retry")
+    other = sync._backend.run_script("t", "lock_acquire", keys, ["x:h:2", 5000, 60_000])
     assert int(other[0]) == 0
     assert 0 < int(other[1]) <= 5000
 
@@ -126,8 +128,9 @@ def test_waiter_thread_is_woken_by_release(sync: flexisync.Coordinator) -> None:
     attempts: list[bool] = []
     original = waiter._attempt
 
-    def counting(token: str, waiting: bool) -> tuple[bool, int]:
-        result = original(token, waiting)
+    def counting(token: str, waiting: bool,
+                 deadline: float | None = None) -> tuple[bool, int]:
+        result = original(token, waiting, deadline)
         attempts.append(result[0])
         if len(attempts) == 2:
             asleep.set()  # subscribed and the final attempt failed: it sleeps next
@@ -449,7 +452,7 @@ def test_closing_the_coordinator_ends_a_wait(flexisync_url: str, namespace: str)
 
         thread = threading.Thread(target=wait)
         thread.start()
-        wait_until(lambda: "closing" in _wakeup_names(sync), message="waiting")
+        wait_until(lambda: _waits(sync) == 1, message="waiting")
         closed = time.monotonic()
         sync.close()
         thread.join(10)
@@ -460,11 +463,11 @@ def test_closing_the_coordinator_ends_a_wait(flexisync_url: str, namespace: str)
         holder.release()
 
 
-def _wakeup_names(sync: flexisync.Coordinator) -> dict[str, object]:
-    """The lock names this Coordinator currently has wake-up subscriptions for."""
+def _waits(sync: flexisync.Coordinator) -> int:
+    """How many acquire() calls of this Coordinator are waiting for a wake-up now."""
     from flexisync.locks import _runtime
 
-    return dict(_runtime(sync).wakeups)
+    return len(_runtime(sync).waits)
 
 
 # --- fair mode in one process ---------------------------------------------------------
@@ -533,3 +536,146 @@ def test_works_with_a_decode_responses_client(flexisync_url: str, namespace: str
         with pytest.raises(flexisync.LockNotOwnedError):
             second.release()
     client.close()
+
+
+# --- loss is reported only when a lease is lost (issue 9, section 3) ------------------
+
+
+def test_renewal_that_meets_its_own_release_is_not_a_loss(
+        sync: flexisync.Coordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watchdog renewal that reaches Redis after the release's DEL, one already in
+    flight and one that starts then, finds the lease released, not lost: no on_lost."""
+    calls: list[flexisync.Lock] = []
+    lock = sync.lock("race", ttl=30, auto_renew=True, on_lost=calls.append)
+    backend = sync._backend
+    original = backend.call
+
+    def release_then_renew(operation: str, fn: Any, **kwargs: Any) -> Any:
+        token = lock._token  # what a renewal already in flight carries
+        result = original(operation, fn, **kwargs)
+        if operation == "lock.release":
+            assert token is not None
+            lock._extend(token, 30)  # the in-flight renewal lands after the DEL
+            lock._renew()  # and a renewal that starts now
+        return result
+
+    assert lock.acquire()
+    monkeypatch.setattr(backend, "call", release_then_renew)
+    with capture_logs() as logs:
+        lock.release()
+    assert [e for e in logs if e["event"] == "lock.lost"] == []
+    assert not lock.lost
+    assert calls == []
+
+
+def _on_lost_threads_done() -> bool:
+    return not any(t.name == "flexisync-lock-on-lost" for t in threading.enumerate())
+
+
+def test_auto_renew_reports_no_loss_over_many_releases_and_one_real_loss_once(
+        sync: flexisync.Coordinator, raw: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 acquire/release cycles while the watchdog renews back to back give no on_lost;
+    a lease deleted behind the holder's back then gives exactly one.
+
+    Each release starts while a renewal is under way, and the releasing thread pauses
+    1 ms once Redis answered it (as a preempted thread would), so renewals keep landing
+    between the release's DEL and its return."""
+    calls: list[flexisync.Lock] = []
+    lock = sync.lock("churn", ttl=0.5, auto_renew=True, on_lost=calls.append)
+    runtime = lock._runtime
+    backend = sync._backend
+    original_call = backend.call
+    original_renew = lock._renew
+    renewals = [0]
+
+    def preempted_after_release(operation: str, fn: Any, **kwargs: Any) -> Any:
+        result = original_call(operation, fn, **kwargs)
+        if operation == "lock.release":
+            time.sleep(0.001)
+        return result
+
+    def back_to_back() -> None:
+        original_renew()
+        renewals[0] += 1
+        lock._renew_at = 0.0  # due again at once
+
+    monkeypatch.setattr(backend, "call", preempted_after_release)
+    monkeypatch.setattr(lock, "_renew", back_to_back)
+    for _ in range(500):
+        assert lock.acquire()
+        before = renewals[0]
+        with runtime.cond:
+            lock._renew_at = 0.0
+            runtime.cond.notify()
+        wait_until(lambda b=before: renewals[0] > b, interval=0.0002,
+                   message="the watchdog renewing")
+        lock.release()
+    wait_until(_on_lost_threads_done, message="on_lost threads finished")
+    assert calls == [], f"{len(calls)} false on_lost in 500 normal releases"
+    monkeypatch.undo()
+    assert lock.acquire()
+    raw.delete(_lease_key(sync, "churn"))
+    wait_until(lambda: calls, timeout=10, message="on_lost after a real loss")
+    with pytest.raises(flexisync.LockNotOwnedError):
+        lock.release()
+    wait_until(_on_lost_threads_done, message="on_lost threads finished")
+    assert calls == [lock]
+
+
+# --- steady-state cost (issue 9, section 6) -------------------------------------------
+
+
+def test_wait_subscriptions_end_when_no_local_waiter_remains(
+        sync: flexisync.Coordinator, raw: redis.Redis) -> None:
+    """After waiting on 30 distinct lock names (timed out, and woken by a release), the
+    process keeps no subscription for any of them, neither in its listener nor in Redis."""
+    names = [f"waited-{i}" for i in range(30)]
+    for name in names:
+        holder = sync.lock(name, ttl=30)
+        assert holder.acquire()
+        assert sync.lock(name, ttl=30).acquire(timeout=0.01) is False
+        waiter = sync.lock(name, ttl=30)
+        result: list[bool] = []
+        thread = threading.Thread(
+            target=lambda w=waiter, r=result: r.append(w.acquire(timeout=10)))
+        thread.start()
+        channel = sync._keys.channel("lock", name)
+        wait_until(lambda c=channel: raw.pubsub_numsub(c)[0][1] == 1, message="waiting")
+        holder.release()
+        thread.join(10)
+        assert result == [True]
+        waiter.release()
+    channels = [sync._keys.channel("lock", name) for name in names]
+    assert not [key for key in sync._listener._handlers if key[1] in channels]
+
+    def unsubscribed() -> bool:
+        return all(count == 0 for _, count in raw.pubsub_numsub(*channels))
+
+    wait_until(unsubscribed, message="Redis no longer counts the wake-up subscriptions")
+
+
+def test_fence_key_expires_when_idle_and_tokens_still_increase(
+        sync: flexisync.Coordinator, raw: redis.Redis) -> None:
+    """The fencing counter carries a TTL refreshed by every acquire, and a token issued
+    after the counter is gone (expired, or lost with the server's data) is still larger
+    than every earlier one."""
+    fence_key = sync._keys.key("lock", "idle", "fence")
+    lock = sync.lock("idle", ttl=5)
+    assert lock.acquire()
+    first = lock.fencing_token
+    lock.release()
+    assert 0 < raw.pttl(fence_key) <= 86_400_000  # flexisync.locks.FENCE_IDLE_TTL: a day
+    raw.pexpire(fence_key, 60_000)
+    assert lock.acquire()
+    assert raw.pttl(fence_key) > 60_000, "acquire did not refresh the counter's TTL"
+    second = lock.fencing_token
+    lock.release()
+    raw.delete(fence_key)  # what expiry after a long idle period, or a data loss, does
+    assert lock.acquire()
+    third = lock.fencing_token
+    lock.release()
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    assert first < second < third

@@ -117,6 +117,114 @@ def test_resume_point_before_an_untrimmed_stream_is_not_an_error(
     assert [e.data for e in stream.read_after("1-0")] == ["only"]
 
 
+def _ordered(ids: list[str]) -> list[tuple[int, int]]:
+    return [tuple(map(int, i.split("-"))) for i in ids]  # type: ignore[misc]
+
+
+def test_events_trimmed_is_raised_only_when_an_event_after_the_resume_point_was_lost(
+        sync: flexisync.Coordinator) -> None:
+    """Redis trims whole nodes: a resume point that was the last entry of a trimmed node
+    loses nothing (the next event is retained) and reads on; one entry earlier, the
+    event right after it is gone, and EventsTrimmed says so."""
+    stream = sync.stream("nodes", maxlen=3)
+    ids = [stream.append({"pad": "x" * 1500, "i": i}) for i in range(12)]
+    retained = ids_of(stream.read_after())
+    first = ids.index(retained[0])
+    assert first >= 2, "the setup must have trimmed at least two entries"
+    assert ids_of(stream.read_after(ids[first - 1])) == retained
+    assert ids_of(list(stream.follow(ids[first - 1], timeout=0))) == retained
+    with pytest.raises(flexisync.EventsTrimmed) as info:
+        stream.read_after(ids[first - 2])
+    assert info.value.oldest == retained[0]
+    with pytest.raises(flexisync.EventsTrimmed):
+        next(iter(stream.follow(ids[first - 2], timeout=1)))
+
+
+def test_a_resume_point_between_issued_ids_before_the_oldest_is_judged_exactly(
+        sync: flexisync.Coordinator) -> None:
+    """An id the stream never issued, lying between the last trimmed id and the oldest
+    retained one, loses nothing; one just below the last trimmed id does."""
+    stream = sync.stream("between", maxlen=3)
+    ids = [stream.append("y" * 1500) for _ in range(12)]
+    retained = ids_of(stream.read_after())
+    first = ids.index(retained[0])
+    ms, seq = map(int, ids[first - 1].split("-"))
+    assert ids_of(stream.read_after(f"{ms}-{seq + 1}")) in (retained, retained[1:])
+    below = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-99999"
+    with pytest.raises(flexisync.EventsTrimmed):
+        stream.read_after(below)
+
+
+def test_an_id_beyond_the_newest_raises_unknown_resume_point(
+        sync: flexisync.Coordinator) -> None:
+    """A well-formed id the stream never issued, beyond its newest (a fabricated or
+    foreign Last-Event-ID), is an UnknownResumePoint (an EventsTrimmed) from read_after
+    and follow, not an empty "caught up" that withholds every new event."""
+    from flexisync.streams import UnknownResumePoint
+
+    stream = sync.stream("ahead")
+    ids = [stream.append(i) for i in range(3)]
+    ms = int(ids[-1].split("-")[0])
+    for bogus in (f"{ms + 3_600_000}-0", f"{ms}-{10**9}",
+                  f"{2**64 - 1}-{2**64 - 1}"):
+        with pytest.raises(UnknownResumePoint) as info:
+            stream.read_after(bogus)
+        assert isinstance(info.value, flexisync.EventsTrimmed)
+        assert (info.value.after, info.value.newest) == (bogus, ids[-1])
+        assert bogus in str(info.value)
+        follower = stream.follow(bogus, timeout=5)
+        started = time.monotonic()
+        with pytest.raises(UnknownResumePoint):
+            next(iter(follower))
+        assert time.monotonic() - started < 4, "raised at once, not after the timeout"
+    assert stream.read_after(ids[-1]) == [], "the newest id itself is caught up"
+
+
+def test_an_id_ahead_of_the_clock_is_unknown_to_a_stream_that_does_not_exist(
+        sync: flexisync.Coordinator) -> None:
+    """For a missing stream, an id ahead of the server's clock is unknown (new events
+    would get smaller ids); an id in the past reads as empty."""
+    from flexisync.streams import UnknownResumePoint
+
+    stream = sync.stream("absent")
+    future = f"{int(time.time() * 1000) + 86_400_000}-0"
+    with pytest.raises(UnknownResumePoint) as info:
+        stream.read_after(future)
+    assert info.value.newest is None
+    assert stream.read_after("1-0") == []
+    assert stream.read_after(f"{int(time.time() * 1000) - 1000}-5") == []
+
+
+# --- foreign payloads -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "kind"), [
+    ("not json", "message"),
+    ("[" * 100_000 + "]" * 100_000, "message"),
+    (b"\xff\xfe", "message"),
+    ("NaN", "message"),
+    ("1", "a\nevent: injected"),
+])
+def test_foreign_payloads_give_decode_error_never_a_crash(
+        sync: flexisync.Coordinator, raw: redis.Redis, data: str | bytes, kind: str) -> None:
+    """An entry with flexisync's fields whose data is not JSON, nests 100,000 levels or
+    is not UTF-8, or whose type could break an SSE frame, raises DecodeError (naming the
+    stream and entry) from read_after and follow, never RecursionError; follow yields
+    every good event before it, and resuming after the bad id skips it."""
+    stream = sync.stream("hostile")
+    good = stream.append("before")
+    bad = str(raw.xadd(key(sync, "hostile"), {"type": kind, "data": data, "time": "1"}))
+    after = stream.append("after")
+    with pytest.raises(flexisync.DecodeError) as info:
+        stream.read_after()
+    assert info.value.key == f"hostile#{bad}"
+    follower = stream.follow(timeout=5)
+    assert next(follower).id == good
+    with pytest.raises(flexisync.DecodeError):
+        next(follower)
+    assert ids_of(stream.read_after(bad)) == [after]
+
+
 # --- ttl --------------------------------------------------------------------------------
 
 
@@ -135,11 +243,28 @@ def test_ttl_is_set_and_refreshed_on_every_append(sync: flexisync.Coordinator,
     assert raw.exists(key(sync, "short")) == 0
 
 
-def test_stream_without_ttl_never_expires(sync: flexisync.Coordinator,
-                                          raw: redis.Redis) -> None:
-    """No ttl: the key has no expiry."""
-    sync.stream("forever").append(1)
+def test_stream_with_ttl_none_never_expires(sync: flexisync.Coordinator,
+                                            raw: redis.Redis) -> None:
+    """ttl=None, asked for explicitly: the key has no expiry."""
+    sync.stream("forever", ttl=None).append(1)
     assert raw.pttl(key(sync, "forever")) == -1
+
+
+def test_streams_expire_seven_days_after_the_last_append_by_default(
+        sync: flexisync.Coordinator, raw: redis.Redis) -> None:
+    """Without a ttl argument a stream gets DEFAULT_TTL (7 days), refreshed by every
+    append, so names used once do not pile up in Redis forever."""
+    from flexisync.streams import DEFAULT_TTL
+
+    assert DEFAULT_TTL == 7 * 24 * 3600
+    stream = sync.stream("defaulted")
+    assert stream.ttl == DEFAULT_TTL
+    stream.append(1)
+    week_ms = DEFAULT_TTL * 1000
+    assert week_ms - 60_000 < raw.pttl(key(sync, "defaulted")) <= week_ms
+    raw.pexpire(key(sync, "defaulted"), 5_000)
+    stream.append(2)
+    assert raw.pttl(key(sync, "defaulted")) > week_ms - 60_000, "append refreshes the ttl"
 
 
 # --- follow -----------------------------------------------------------------------------
@@ -201,9 +326,11 @@ def test_follow_releases_its_blocking_connection(sync: flexisync.Coordinator,
 
 
 @pytest.mark.parametrize("bad", ["abc", "1-", "-1", "1-2-3", "", " 1-0", "1.5-0",
-                                 "99999999999999999999-0", 17, b"1-0"])
+                                 "99999999999999999999-0", 17, b"1-0", "1-0\n",
+                                 "\uff11-0", "1-\u0661"])
 def test_malformed_ids_raise_config_error(sync: flexisync.Coordinator, bad: object) -> None:
-    """read_after/follow reject malformed ids with ConfigError (a ValueError), eagerly."""
+    """read_after/follow reject malformed ids with ConfigError (a ValueError), eagerly;
+    digits must be ASCII (a fullwidth or Arabic-Indic digit is not an id)."""
     stream = sync.stream("ids")
     with pytest.raises(ValueError, match="after") as info:
         stream.read_after(bad)  # type: ignore[arg-type]

@@ -102,3 +102,36 @@ def test_circuit_open_error_carries_name_and_retry_after() -> None:
     exc = flexisync.CircuitOpenError("openai", 1.5)
     assert (exc.name, exc.retry_after) == ("openai", 1.5)
     assert "openai" in str(exc)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("recovery_timeout", 1e30),
+    ("max_recovery_timeout", 1e14),
+    ("window", 10 * 365 * 86400.0 + 1),
+    ("slow_call_duration", 1e300),
+    ("probe_lease", timedelta(days=10 * 366)),
+    ("refresh_interval", 1e18),
+    ("failure_threshold", 10**12),
+    ("minimum_calls", 10**30),
+    ("half_open_max_calls", 2**63),
+    ("success_threshold", 10**10),
+])
+def test_every_duration_and_count_is_bounded_at_construction(
+        offline: flexisync.Coordinator, option: str, value: Any) -> None:
+    """A value beyond the bound (10 years for durations, 10**9 for counts) raises
+    ConfigError naming the argument and the bound, before any I/O: nothing can
+    publish a number another process cannot parse."""
+    with pytest.raises(flexisync.ConfigError, match=option) as info:
+        offline.breaker("provider", **{option: value})
+    assert "10 years" in str(info.value) or "1_000_000_000" in str(info.value)
+
+
+def test_trip_beyond_the_bound_raises_before_any_io(offline: flexisync.Coordinator) -> None:
+    """trip(retry_after=1e14) raises ConfigError naming retry_after and the bound; the
+    breaker does not fall back to its local mode."""
+    breaker = offline.breaker("provider")
+    for bad in (1e14, math.inf, -1, math.nan, timedelta(days=10 * 366)):
+        with pytest.raises(flexisync.ConfigError, match="retry_after"):
+            breaker.trip(retry_after=bad)
+    assert breaker.stats().backend_available
+

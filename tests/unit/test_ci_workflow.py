@@ -30,3 +30,15 @@ def test_ci_runs_the_readme_commands_against_a_redis_service() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+def test_make_demo_installs_only_what_the_demo_needs() -> None:
+    """`make demo` installs flexisync with the embedded-server extra, not the test and
+    benchmark tooling (which took most of a fresh clone's demo time)."""
+    makefile = (ROOT / "Makefile").read_text()
+    demo_rule = makefile.split("$(DEMO_STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
+    assert "pip install" in demo_rule
+    assert "'.[embedded]'" in demo_rule
+    assert "dev" not in demo_rule
+    assert "bench" not in demo_rule
+    assert "demo: $(DEMO_STAMP)" in makefile

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,14 +47,70 @@ def test_slow_round_trip_warns() -> None:
 
 
 def test_recommended_acl_names_the_namespace_and_every_command() -> None:
-    """The suggested ACL is scoped to the namespace's keys and channels."""
+    """The suggested ACL is scoped to the namespace's keys and channels, and the doctor
+    checks every command it grants (and nothing else)."""
     acl = doctor.recommended_acl("billing", "worker")
     assert acl.startswith("ACL SETUSER worker on >CHANGE-ME resetkeys resetchannels "
                           "~billing:* &billing:* -@all ")
     granted = {word[1:] for word in acl.split() if word.startswith("+")}
     assert granted == set(doctor.COMMANDS)
-    needed = {c[0].lower() for c in doctor._needed("billing")}
-    assert needed - {"xinfo", "script"} <= granted
+    checked = {p.acl for p in doctor._needed("billing", db=3, client_name="worker-1")}
+    assert checked == granted
+
+
+def test_recommended_acl_grants_each_glob_topic_literally() -> None:
+    """Redis grants a PSUBSCRIBE pattern only when listed literally: each glob topic gets
+    its own &ns:events:<pattern>; exact topics are covered by &ns:*."""
+    acl = doctor.recommended_acl("billing", topics=["jobs.*", "alerts", "p?"]).split()
+    channels = [word for word in acl if word.startswith("&")]
+    assert channels == ["&billing:*", "&billing:events:jobs.*", "&billing:events:p?"]
+
+
+@pytest.mark.parametrize("needed", ["select", "client|setname", "psubscribe",
+                                    "punsubscribe", "xinfo|stream", "script|load",
+                                    "evalsha"])
+def test_commands_flexisync_sends_while_connecting_or_subscribing_are_granted(
+        needed: str) -> None:
+    """SELECT (db != 0), CLIENT SETNAME (client_name) and PSUBSCRIBE (glob topics) are
+    in the ACL and checked by the doctor."""
+    assert needed in doctor.COMMANDS
+    assert needed in {p.acl for p in doctor._needed("ns", db=1, client_name="x")}
+
+
+def test_a_transaction_in_the_code_requires_multi_and_exec_in_the_acl() -> None:
+    """The ACL grants MULTI/EXEC exactly when some module opens a transactional
+    pipeline (redis-py's default), so removing the last one, or adding one, is seen."""
+    package = Path(doctor.__file__).parent
+    transactional = [
+        f"{path.name}: {match}" for path in package.glob("*.py")
+        for match in re.findall(r"\.pipeline\((?!transaction=False)[^)]*\)",
+                                path.read_text())
+        if path.name != "_cli_doctor.py"]
+    granted = {"multi", "exec"} <= set(doctor.COMMANDS)
+    assert granted == bool(transactional), transactional or "no transaction in the code"
+
+
+def test_every_command_in_the_lua_scripts_is_granted() -> None:
+    """Commands run inside Lua are checked against the ACL too: each one the scripts
+    call is in the documented ACL."""
+    scripts = Path(doctor.__file__).parent / "_scripts"
+    called = set()
+    for script in scripts.glob("*.lua"):
+        source = script.read_text()
+        for raw, sub in re.findall(r"redis\.p?call\(\s*'(\w+)'(?:\s*,\s*'(\w+)')?", source):
+            name = raw.lower()
+            called.add(f"{name}|{sub.lower()}" if name in ("xinfo", "client") else name)
+        # XADD is built as a table and run by redis.call(unpack(args)).
+        called.update(w.lower() for w in re.findall(r"\{'(\w+)', KEYS", source))
+    assert called, "no redis.call found: the pattern is stale"
+    assert called - set(doctor.COMMANDS) == set()
+
+
+def test_documented_acl_is_the_doctors_recommendation() -> None:
+    """docs/operating.md shows exactly the ACL line the doctor suggests (with the
+    example glob topic), so the two cannot drift."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "operating.md").read_text()
+    assert doctor.recommended_acl("flexisync", "app", topics=["jobs.*"]) in docs
 
 
 class _FakeBackend:

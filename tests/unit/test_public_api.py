@@ -73,3 +73,25 @@ def test_package_ships_py_typed_and_lua_scripts() -> None:
     for script in scripts:
         text = script.read_text()
         assert "KEYS[1]" in text.split("\n\n")[0] or text.startswith("--"), script.name
+
+
+def test_readme_submodule_calls_work_after_import_flexisync_alone() -> None:
+    """`flexisync.sse.event_stream` and `flexisync.embedded.start`, as the README writes
+    them, resolve after a bare `import flexisync`, and importing still starts no thread."""
+    code = (
+        "import threading, flexisync\n"
+        "assert threading.active_count() == 1\n"
+        "assert callable(flexisync.sse.event_stream)\n"
+        "assert callable(flexisync.embedded.start)\n"
+        "assert callable(flexisync.testing.unique_namespace)\n"
+        "assert threading.active_count() == 1\n"
+        "try:\n"
+        "    flexisync.nonexistent\n"
+        "except AttributeError as exc:\n"
+        "    assert 'nonexistent' in str(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr

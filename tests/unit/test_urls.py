@@ -132,3 +132,139 @@ def test_client_and_url_together_are_rejected() -> None:
     with pytest.raises(flexisync.ConfigError, match=r"must be a redis\.Redis"):
         flexisync.connect(client="redis://h")
     client.close()
+
+
+_SECRET = "Qx7Zk9Wv/x?y#z@w:v"  # noqa: S105  (a made-up password the test hunts for)
+
+_HOSTILE_URLS = [
+    # Reserved characters left unescaped in the password, in every position.
+    f"redis://:{_SECRET}@localhost:6379/0",
+    f"redis://user:{_SECRET}@localhost:6379/0",
+    "redis://:Qx7Zk9Wv/x@localhost:6379/0",
+    "redis://:Qx7Zk9Wv?x@localhost:6379/0",
+    "redis://:Qx7Zk9Wv#x@localhost:6379/0",
+    "redis://user:Qx7Zk9Wv/x@localhost:notaport/0",
+    "rediss://:Qx7Zk9Wv?db=abc@host/0",
+    "unix://:Qx7Zk9Wv/x@/run/redis.sock?db=1",
+    "redis+sentinel://:Qx7Zk9Wv?x@s1:26379/mymaster",
+    "redis+cluster://u:Qx7Zk9Wv/x#y@n1:7000",
+    "redis+cluster://:Qx7Zk9Wv@n1:notaport",
+    "redis://:Qx7Zk9Wv@localhost:99999/0",
+    "redis://:Qx7Zk9Wv@localhost:6379/abc",
+    "user:Qx7Zk9Wv@redis://localhost",
+    "Qx7Zk9Wvredis://:Qx7Zk9Wv@localhost",
+    "redis://:Qx7Zk9Wv@",
+    "redis://:Qx7Zk9Wv@:6379",
+]
+
+
+def _password_parts(password: str) -> set[str]:
+    """Every piece of ``password`` three characters or longer that holds a letter or
+    digit (pieces of punctuation alone, like "'/'", also occur in the advice text)."""
+    pieces = {password[i:j] for i in range(len(password))
+              for j in range(i + 3, len(password) + 1)}
+    return {piece for piece in pieces if any(c.isalnum() for c in piece)}
+
+
+@pytest.mark.parametrize("url", _HOSTILE_URLS)
+def test_no_part_of_a_password_leaks_from_any_malformed_url(url: str) -> None:
+    """However malformed the URL, an error, a repr or the redacted URL never shows any
+    three-character piece of the password (here 'Qx7Zk9Wv' or the longer secret)."""
+    secret = _SECRET if _SECRET in url else "Qx7Zk9Wv"
+    try:
+        spec = parse_url(url)
+    except flexisync.ConfigError as exc:
+        shown = str(exc)
+    else:
+        shown = repr(spec) + spec.redacted() + spec.address
+    leaked = [p for p in _password_parts(secret) if p in shown]
+    assert not leaked, f"password piece(s) {leaked} in {shown!r}"
+
+
+def test_an_unescaped_reserved_character_in_a_password_gets_a_clear_error() -> None:
+    """A '/', '?' or '#' before the last '@' is refused with advice to percent-encode."""
+    with pytest.raises(flexisync.ConfigError, match="percent-encode") as info:
+        parse_url("redis://:Qx7Zk9Wv/x@localhost:6379/0")
+    assert "Qx7Zk9Wv" not in str(info.value)
+
+
+def test_a_percent_encoded_password_with_reserved_characters_parses() -> None:
+    """The same password percent-encoded reaches redis-py intact."""
+    spec = parse_url("redis://user:hunter2%2Fx%3Fy%23z%40w@localhost:6379/3")
+    assert (spec.username, spec.password, spec.host, spec.db) == (
+        "user", "hunter2/x?y#z@w", "localhost", 3)
+
+
+def test_an_unescaped_at_sign_in_a_password_parses() -> None:
+    """'@' is unambiguous (the userinfo ends at the last one), so it needs no escaping."""
+    spec = parse_url("redis://:p@ss@localhost:6380/1")
+    assert (spec.password, spec.host, spec.port, spec.db) == ("p@ss", "localhost", 6380, 1)
+
+
+def test_the_cli_never_prints_a_password_from_a_malformed_url(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The command line reports a malformed URL without any piece of its password."""
+    from flexisync.cli import main
+
+    code = main(["doctor", "--url", "redis://:Qx7Zk9Wv/x@localhost:6379/0"])
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert "percent-encode" in out + err
+    assert not [p for p in _password_parts("Qx7Zk9Wv") if p in out + err]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h/0?db=abc", "non-negative integer"),
+        ("redis://h/?db=abc", "non-negative integer"),
+        ("redis://h/1?db=2", "names the database twice"),
+        ("unix:///s.sock?db=x", "non-negative integer"),
+    ],
+)
+def test_a_bad_or_conflicting_db_in_the_query_is_an_error(url: str, message: str) -> None:
+    """?db= is never silently ignored: a bad one or one that contradicts the path fails."""
+    with pytest.raises(flexisync.ConfigError, match=message):
+        parse_url(url)
+
+
+def test_the_same_db_in_path_and_query_is_accepted() -> None:
+    """/2?db=2 says the same thing twice, which is fine."""
+    assert parse_url("redis://h/2?db=2").db == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"socket_timout": 1}, "did you mean 'socket_timeout'"),
+        ({"socket_timeout": -1}, "socket_timeout must be > 0"),
+        ({"socket_timeout": float("nan")}, "socket_timeout must be a number of seconds"),
+        ({"socket_connect_timeout": float("inf")}, "must be finite"),
+        ({"socket_timeout": "1"}, "socket_timeout must be seconds"),
+        ({"retry_on_error": []}, "set by flexisync"),
+        ({"retry_on_timeout": True}, "set by flexisync"),
+    ],
+)
+def test_bad_redis_options_raise_config_error_before_any_io(
+        options: dict[str, object], message: str) -> None:
+    """A misspelt or out-of-range redis option fails in connect(), naming it."""
+    with pytest.raises(flexisync.ConfigError, match=message):
+        flexisync.connect("redis://localhost:1/0", **options)
+
+
+def test_good_redis_options_are_accepted() -> None:
+    """Known options with sane values pass, and socket_timeout=None means no timeout."""
+    flexisync.connect("redis://localhost:1/0", socket_timeout=None,
+                      socket_connect_timeout=0.5, client_name="x").close()
+
+
+def test_retry_policy_rejects_nonsense() -> None:
+    """RetryPolicy validates at construction: attempts, durations, maximum >= initial."""
+    with pytest.raises(flexisync.ConfigError, match="attempts"):
+        flexisync.RetryPolicy(attempts=0)
+    with pytest.raises(flexisync.ConfigError, match="deadline"):
+        flexisync.RetryPolicy(deadline=float("nan"))
+    with pytest.raises(flexisync.ConfigError, match="maximum backoff"):
+        flexisync.RetryPolicy(initial=1.0, maximum=0.1)
+    with pytest.raises(flexisync.ConfigError, match="at most"):
+        flexisync.RetryPolicy(deadline=1e30)
