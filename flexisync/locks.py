@@ -514,7 +514,10 @@ class Lock:
                     sleep = refresh if pttl <= 0 else min(refresh, pttl / 1000 + 0.001)
                     recheck = time.monotonic() + sleep
                 with wakeups.cond:
-                    while wakeups.seq == seen:
+                    # ``stopping`` too: close() may have poked before ``seen`` was read
+                    # (while the subscription was being confirmed); it sets stopping
+                    # before it pokes, so checking it under the same condition is enough.
+                    while wakeups.seq == seen and not runtime.stopping:
                         now = time.monotonic()
                         limit = recheck if deadline is None else min(recheck, deadline)
                         if now >= limit:

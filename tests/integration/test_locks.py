@@ -463,6 +463,34 @@ def test_closing_the_coordinator_ends_a_wait(flexisync_url: str, namespace: str)
         holder.release()
 
 
+def test_close_that_lands_while_a_waiter_subscribes_still_ends_the_wait(
+        flexisync_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() pokes waiters before it closes the backend; a waiter whose wake-up
+    subscription was confirmed just as the poke landed must still end at once, not
+    sleep until its next re-check (seconds later)."""
+    from flexisync.locks import _runtime
+
+    with flexisync.connect(flexisync_url, namespace=namespace) as sync:
+        holder = sync.lock("closing-race", ttl=60)
+        assert holder.acquire()
+        runtime = _runtime(sync)
+        real_join = runtime.join
+
+        def join_then_close(name: str, deadline: float | None) -> object:
+            wakeups = real_join(name, deadline)
+            runtime.close()  # the close hook runs (stop + poke) before the wait begins
+            return wakeups
+
+        monkeypatch.setattr(runtime, "join", join_then_close)
+        waiter = sync.lock("closing-race", ttl=60)
+        started = time.monotonic()
+        with pytest.raises(flexisync.BackendUnavailable, match="closed"):
+            waiter.acquire(timeout=30)
+        assert time.monotonic() - started < 2.0, "the wait slept through the close"
+        monkeypatch.undo()
+        holder.release()
+
+
 def _waits(sync: flexisync.Coordinator) -> int:
     """How many acquire() calls of this Coordinator are waiting for a wake-up now."""
     from flexisync.locks import _runtime
