@@ -41,9 +41,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import redis.exceptions as rexc
-
-from flexisync._connection import is_transient
+from flexisync._connection import RetryPolicy
 from flexisync._log import get_logger
 from flexisync.errors import BackendError, BackendUnavailable
 
@@ -118,15 +116,6 @@ def hub_of(coordinator: Coordinator) -> Hub:
     return coordinator._extension("breakers", Hub)
 
 
-class _Failed(Exception):
-    """Carries a failed attempt out of ``Backend.call`` without its retry loop."""
-
-    def __init__(self, exc: BaseException, attempts: int) -> None:
-        super().__init__(str(exc))
-        self.exc = exc
-        self.attempts = attempts
-
-
 class Hub:
     """Per-Coordinator breaker machinery. Internal; see the module docstring."""
 
@@ -148,6 +137,11 @@ class Hub:
         self._reconnect_hook: Callable[[], None] | None = None
         self._closed = False
         self.down_since: float | None = None  # monotonic; None while Redis answers
+        # A protected call must not wait for Redis: a script gets one more attempt, at
+        # once, only when the command was never sent; the background PING gets one.
+        deadline = self._backend.retry.deadline
+        self._quick = RetryPolicy(attempts=2, initial=0.0, maximum=0.0, deadline=deadline)
+        self._once = RetryPolicy(attempts=1, deadline=deadline)
         self.recheck_at = 0.0
         self._reset_runtime()
         coordinator._on_close(self.close)
@@ -194,7 +188,7 @@ class Hub:
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
             fail_fast: bool = True) -> list[Any]:
-        """Run ``breaker_<name>.lua`` once, retrying once at once on a dropped connection.
+        """Run ``breaker_<name>.lua``, once more at once only if it was never sent.
 
         No backoff: a protected call must not wait for Redis; the caller degrades
         instead. Every socket wait is capped by the retry policy's deadline. While the
@@ -215,35 +209,16 @@ class Hub:
                 self._backend.address, attempts=0, elapsed=0.0,
                 reason=f"unreachable for {time.monotonic() - since:.3f}s; waiting for "
                        "the background check")
-        script = self._backend.script(f"breaker_{name}")
-
-        def attempt(_client: Any) -> list[Any]:
-            for number in (1, 2):
-                try:
-                    return list(script(keys=keys, args=args))
-                except (rexc.RedisError, OSError) as exc:
-                    if number == 2 or not is_transient(exc) \
-                            or isinstance(exc, (rexc.TimeoutError, TimeoutError)):
-                        raise _Failed(exc, number) from exc
-            raise AssertionError("unreachable")  # pragma: no cover
-
-        start = time.monotonic()
         try:
-            reply = self._backend.call(f"breaker.{name}", attempt)
-        except _Failed as failed:
-            exc = failed.exc
-            if not is_transient(exc):
-                text = str(exc)
-                if MALFORMED in text:
-                    defects = text.split(MALFORMED, 1)[1].split(" script: ", 1)[0]
-                    raise MalformedRecord(f"breaker.{name}",
-                                          defects.split("\n", 1)[0].strip()) from exc
-                raise BackendError(f"breaker.{name}", text) from exc
-            self.mark_down()
-            raise BackendUnavailable(
-                self._backend.address, attempts=failed.attempts,
-                elapsed=time.monotonic() - start,
-                reason=f"{type(exc).__name__}: {exc}") from exc
+            reply = list(self._backend.run_script(
+                f"breaker.{name}", f"breaker_{name}", keys, args, idempotent=False,
+                retry=self._quick))
+        except BackendError as exc:
+            if MALFORMED in exc.reason:
+                defects = exc.reason.split(MALFORMED, 1)[1].split(" script: ", 1)[0]
+                raise MalformedRecord(f"breaker.{name}",
+                                      defects.split("\n", 1)[0].strip()) from exc
+            raise
         except BackendUnavailable:
             self.mark_down()
             raise
@@ -263,15 +238,10 @@ class Hub:
         """One PING (on the hub thread) while down; clears the mark when it answers."""
         self.recheck_at = time.monotonic() + RECHECK_INTERVAL
 
-        def ping(client: Any) -> None:
-            try:
-                client.ping()
-            except (rexc.RedisError, OSError) as exc:
-                raise _Failed(exc, 1) from exc
-
         try:
-            self._backend.call("breaker.recheck", ping)
-        except (_Failed, BackendUnavailable):
+            self._backend.call("breaker.recheck", lambda client: client.ping(),
+                               retry=self._once)
+        except (BackendUnavailable, BackendError):
             return
         self.down_since = None
 

@@ -8,7 +8,7 @@ Every Redis call a public method makes goes through :meth:`Backend.call` (or
   sooner one the caller passes) caps every socket wait of every attempt, through a
   connection class that narrows the socket timeout to the time left;
 * retries transient connection errors with jittered exponential backoff spread over
-  that deadline (tenacity), but retries a non-idempotent call only when the error
+  that deadline, but retries a non-idempotent call only when the error
   happened before the command was sent;
 * translates what is left into flexisync errors with ``raise ... from exc``, reporting
   the true attempts and elapsed time.
@@ -40,7 +40,6 @@ import redis
 import redis.exceptions as rexc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from tenacity import RetryCallState, Retrying, retry_if_exception
 
 from flexisync._durations import seconds
 from flexisync._log import get_logger
@@ -52,7 +51,6 @@ __all__ = [
     "RetryPolicy",
     "adopt_client",
     "build_client",
-    "current_deadline",
     "parse_url",
     "validate_redis_options",
 ]
@@ -294,11 +292,6 @@ _MIN_WAIT = 0.001
 #: How much later than its deadline a socket wait may end, to spare a system call per
 #: command: the socket's timeout is narrowed only when it would overshoot by more.
 _OVERSHOOT = 0.05
-
-
-def current_deadline() -> float | None:
-    """The deadline (``time.monotonic()`` seconds) of the Redis call in progress, if any."""
-    return _DEADLINE.get()
 
 
 class _DeadlineMixin:
@@ -599,14 +592,8 @@ class Backend:
         """True for a ``redis.RedisCluster`` client."""
         return isinstance(self.client, redis.RedisCluster)
 
-    def bound(self, deadline: float | None = None) -> float:
-        """The absolute deadline of a call starting now: the policy's, or ``deadline``
-        when that comes sooner."""
-        own = time.monotonic() + self.retry.deadline
-        return own if deadline is None else min(own, deadline)
-
     def call(self, operation: str, fn: Callable[[Any], T], *, idempotent: bool = True,
-             deadline: float | None = None) -> T:
+             deadline: float | None = None, retry: RetryPolicy | None = None) -> T:
         """Run ``fn(client)`` under the retry policy, within one wall-clock bound.
 
         Args:
@@ -615,9 +602,10 @@ class Backend:
             idempotent: False for a call that must not run twice (an INCR): it is
                 retried only when the failure happened before the command was sent.
             deadline: an absolute ``time.monotonic()`` instant the call must end by,
-                when that is sooner than ``RetryPolicy.deadline`` from now. A call
-                that blocks on the server (``XREAD BLOCK``) passes one that covers
-                its block time.
+                when that is sooner than the policy's deadline from now (a method
+                with its own ``timeout=``). It can only shorten the bound.
+            retry: a policy for this call instead of the Coordinator's (the breaker
+                makes at most two quick attempts, so that callers fail fast).
 
         Raises:
             BackendUnavailable: Redis could not be reached before the bound; carries
@@ -628,8 +616,9 @@ class Backend:
             raise BackendUnavailable(self.address, reason="the Coordinator is closed")
         if self.pid != os.getpid():
             self.check_fork()
+        policy = self.retry if retry is None else retry
         start = time.monotonic()
-        own = start + self.retry.deadline
+        own = start + policy.deadline
         bound = own if deadline is None or deadline > own else deadline
         token = _DEADLINE.set(bound)
         try:
@@ -638,54 +627,29 @@ class Backend:
             first: BaseException = exc
         finally:
             _DEADLINE.reset(token)
-        return self._retry(operation, fn, first, idempotent=idempotent, start=start,
-                           bound=bound)
+        return self._retry(operation, fn, first, policy, idempotent=idempotent,
+                           start=start, bound=bound)
 
-    def _retry(self, operation: str, fn: Callable[[Any], T], first: BaseException, *,
-               idempotent: bool, start: float, bound: float) -> T:
-        def retryable(exc: BaseException) -> bool:
-            return is_transient(exc) and (idempotent or _is_connect_error(exc))
-
-        policy = self.retry
+    def _retry(self, operation: str, fn: Callable[[Any], T], failure: BaseException,
+               policy: RetryPolicy, *, idempotent: bool, start: float, bound: float) -> T:
+        """Retry after ``failure`` with backoff until ``bound``, or raise it translated."""
         attempts = 1
-
-        def fail(exc: BaseException) -> Exception:
-            return _translate(operation, exc, self.address, attempts,
-                              time.monotonic() - start)
-
-        if not retryable(first):
-            raise fail(first) from first
-
-        def stop(_state: RetryCallState) -> bool:
-            if policy.attempts is not None and attempts >= policy.attempts:
-                return True
-            return bound - time.monotonic() <= _MIN_WAIT
-
-        def wait(state: RetryCallState) -> float:
-            # Retries spread over the whole bound; the last wait never overshoots it.
-            left = bound - time.monotonic() - _MIN_WAIT
-            return max(0.0, min(policy.backoff(state.attempt_number), left))
-
-        def attempt() -> T:
-            nonlocal attempts
+        while True:
+            retryable = is_transient(failure) and (idempotent or _is_connect_error(failure))
+            pause = min(policy.backoff(attempts), bound - time.monotonic() - _MIN_WAIT)
+            if not retryable or pause < 0 or (
+                    policy.attempts is not None and attempts >= policy.attempts):
+                raise _translate(operation, failure, self.address, attempts,
+                                 time.monotonic() - start) from failure
+            time.sleep(pause)
             attempts += 1
             token = _DEADLINE.set(bound)
             try:
                 return fn(self.client)
+            except (rexc.RedisError, OSError) as exc:
+                failure = exc
             finally:
                 _DEADLINE.reset(token)
-
-        # The first attempt already failed; wait once, then let tenacity go on.
-        first_wait = wait(_FIRST_RETRY)
-        if stop(_FIRST_RETRY) or bound - time.monotonic() - first_wait <= _MIN_WAIT:
-            raise fail(first) from first
-        time.sleep(first_wait)
-        retrying = Retrying(stop=stop, wait=wait, retry=retry_if_exception(retryable),
-                            reraise=True)
-        try:
-            return retrying(attempt)
-        except (rexc.RedisError, OSError) as exc:
-            raise fail(exc) from exc
 
     def check_fork(self) -> None:
         """Run ``on_fork`` once if this process is a fork the at-fork hooks missed."""
@@ -707,11 +671,11 @@ class Backend:
 
     def run_script(self, operation: str, name: str, keys: Sequence[str],
                    args: Sequence[Any], *, idempotent: bool = True,
-                   deadline: float | None = None) -> Any:
+                   deadline: float | None = None, retry: RetryPolicy | None = None) -> Any:
         """Run a Lua script through :meth:`call` (same arguments, same errors)."""
         script = self.script(name)
         return self.call(operation, lambda _c: script(keys=keys, args=args),
-                         idempotent=idempotent, deadline=deadline)
+                         idempotent=idempotent, deadline=deadline, retry=retry)
 
     def ping(self) -> float:
         """One PING; the round-trip time in seconds."""
@@ -723,13 +687,6 @@ class Backend:
         """Close the client's connections (in this process only)."""
         with contextlib.suppress(rexc.RedisError, OSError):  # a dead one is fine
             self.client.close()
-
-
-class _FirstRetry:
-    attempt_number = 1
-
-
-_FIRST_RETRY: Any = _FirstRetry()
 
 
 def _translate(operation: str, exc: BaseException, address: str, attempts: int,
