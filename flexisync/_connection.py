@@ -572,6 +572,28 @@ def _is_connect_error(exc: BaseException) -> bool:
         or isinstance(exc, ConnectionRefusedError)
 
 
+def next_pause(policy: RetryPolicy, failure: BaseException, attempts: int, *,
+               idempotent: bool, bound: float) -> float | None:
+    """Seconds to wait before retrying after ``failure`` (attempt number ``attempts``
+    just failed), or ``None`` when the call must fail now: the failure is not
+    transient, the command may have run and must not run twice, the policy's attempts
+    are spent, or the backoff would end past ``bound`` (a ``time.monotonic()`` instant).
+    Both backends (blocking and asyncio) follow it."""
+    if not is_transient(failure) or not (idempotent or _is_connect_error(failure)):
+        return None
+    if policy.attempts is not None and attempts >= policy.attempts:
+        return None
+    pause = min(policy.backoff(attempts), bound - time.monotonic() - _MIN_WAIT)
+    return None if pause < 0 else pause
+
+
+def call_bound(policy: RetryPolicy, start: float, deadline: float | None) -> float:
+    """The instant a call started at ``start`` must end by: the policy's deadline, or
+    the caller's ``deadline`` when that is sooner."""
+    own = start + policy.deadline
+    return own if deadline is None or deadline > own else deadline
+
+
 class Backend:
     """A redis-py client plus the retry policy and error translation around it."""
 
@@ -618,8 +640,7 @@ class Backend:
             self.check_fork()
         policy = self.retry if retry is None else retry
         start = time.monotonic()
-        own = start + policy.deadline
-        bound = own if deadline is None or deadline > own else deadline
+        bound = call_bound(policy, start, deadline)
         token = _DEADLINE.set(bound)
         try:
             return fn(self.client)
@@ -635,12 +656,10 @@ class Backend:
         """Retry after ``failure`` with backoff until ``bound``, or raise it translated."""
         attempts = 1
         while True:
-            retryable = is_transient(failure) and (idempotent or _is_connect_error(failure))
-            pause = min(policy.backoff(attempts), bound - time.monotonic() - _MIN_WAIT)
-            if not retryable or pause < 0 or (
-                    policy.attempts is not None and attempts >= policy.attempts):
-                raise _translate(operation, failure, self.address, attempts,
-                                 time.monotonic() - start) from failure
+            pause = next_pause(policy, failure, attempts, idempotent=idempotent, bound=bound)
+            if pause is None:
+                raise translate(operation, failure, self.address, attempts,
+                                time.monotonic() - start) from failure
             time.sleep(pause)
             attempts += 1
             token = _DEADLINE.set(bound)
@@ -689,7 +708,7 @@ class Backend:
             self.client.close()
 
 
-def _translate(operation: str, exc: BaseException, address: str, attempts: int,
+def translate(operation: str, exc: BaseException, address: str, attempts: int,
                elapsed: float) -> Exception:
     if isinstance(exc, rexc.AuthenticationError):
         return BackendUnavailable(address, attempts=attempts, elapsed=elapsed,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import random
 import threading
 import time
@@ -33,6 +34,7 @@ from typing import Any
 import redis.exceptions as rexc
 
 from flexisync._connection import Backend
+from flexisync._core.plan import Signal
 from flexisync._log import get_logger
 from flexisync.errors import BackendError, BackendUnavailable
 
@@ -102,6 +104,7 @@ class Listener:
         self._gen = 0
         self._reset_connection_state()
         self._waiting: dict[_Key, int] = {}  # threads in _add waiting on a key
+        self._signals: set[Signal] = set()  # coroutines in subscribe_async
         self._hooks_due = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -178,7 +181,7 @@ class Listener:
             conn, self._conn = self._conn, None
             self._handlers.clear()
             self._reset_connection_state()
-            self._cond.notify_all()
+            self._notify_all()
         if conn is not None:
             _disconnect(conn)
         thread = self._thread
@@ -196,45 +199,92 @@ class Listener:
 
     # --- registration ------------------------------------------------------------
 
+    def _notify_all(self) -> None:
+        """Wake every waiter: threads on ``_cond``, coroutines on their signals.
+        Caller holds ``_cond``."""
+        self._cond.notify_all()
+        if self._signals:
+            for signal in self._signals:
+                signal.set()
+
     def _add(self, key: _Key, handler: Handler, timeout: float | None) -> Registration:
-        self._backend.check_fork()  # may reset this listener (a fork nobody announced)
         start = time.monotonic()
-        limit = timeout if timeout is not None else self._backend.retry.deadline
-        deadline = start + limit
         with self._cond:
-            if self._closed:
-                raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
-            handlers = self._handlers.setdefault(key, [])
-            handlers.append(handler)
-            if len(handlers) == 1 and self._conn is not None:
-                self._send_subscribe(self._conn, [key])
-            self._ensure_thread()
-            registration = Registration(self, key, handler)
-            self._waiting[key] = self._waiting.get(key, 0) + 1
+            registration, deadline, limit = self._register(key, handler, timeout, start)
             try:
-                while not self._is_confirmed(key):
-                    refused = self._refused.get(key) if self._is_settled(key) else None
-                    if refused is not None:
-                        self._remove_locked(key, handler)
-                        command = "subscribe" if key[0] == "channel" else "psubscribe"
-                        raise BackendError(f"{command} {key[1]!r}", refused)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._closed:
-                        self._remove_locked(key, handler)
-                        reason = "the Coordinator is closed" if self._closed else (
-                            f"subscription to {key[1]!r} was not confirmed within "
-                            f"{limit:.3f}s")
-                        raise BackendUnavailable(
-                            self._backend.address, elapsed=time.monotonic() - start,
-                            reason=reason)
-                    self._cond.wait(remaining)
+                while not self._settle_wait(key, handler, start, deadline, limit):
+                    self._cond.wait(deadline - time.monotonic())
             finally:
-                left = self._waiting[key] - 1
-                if left:
-                    self._waiting[key] = left
-                else:
-                    del self._waiting[key]
+                self._unwait(key)
             return registration
+
+    async def subscribe_async(self, key: _Key, handler: Handler, *,
+                              timeout: float | None = None) -> Registration:
+        """:meth:`subscribe` (``key = ("channel", name)``) or :meth:`psubscribe`
+        (``("pattern", glob)``) for coroutines: the same guarantees and errors, without
+        blocking the event loop. Cancelled while it waits, the handler is removed."""
+        start = time.monotonic()
+        signal = Signal()
+        with self._cond:
+            registration, deadline, limit = self._register(key, handler, timeout, start)
+            self._signals.add(signal)
+        try:
+            while True:
+                with self._cond:
+                    signal.clear()
+                    if self._settle_wait(key, handler, start, deadline, limit):
+                        return registration
+                await signal.wait_async(deadline - time.monotonic())
+        except BaseException:
+            registration.close(wait=False)
+            raise
+        finally:
+            with self._cond:
+                self._signals.discard(signal)
+                self._unwait(key)
+
+    def _register(self, key: _Key, handler: Handler, timeout: float | None,
+                  start: float) -> tuple[Registration, float, float]:
+        """Add ``handler`` and send the (P)SUBSCRIBE if it is the key's first; caller
+        holds ``_cond``. Returns the registration, the deadline and the limit."""
+        if self._backend.pid != os.getpid():
+            self._backend.check_fork()  # may reset this listener (a fork nobody announced)
+        limit = timeout if timeout is not None else self._backend.retry.deadline
+        if self._closed:
+            raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
+        handlers = self._handlers.setdefault(key, [])
+        handlers.append(handler)
+        if len(handlers) == 1 and self._conn is not None:
+            self._send_subscribe(self._conn, [key])
+        self._ensure_thread()
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        return Registration(self, key, handler), start + limit, limit
+
+    def _unwait(self, key: _Key) -> None:
+        left = self._waiting.get(key, 0) - 1
+        if left > 0:
+            self._waiting[key] = left
+        else:
+            self._waiting.pop(key, None)
+
+    def _settle_wait(self, key: _Key, handler: Handler, start: float, deadline: float,
+                     limit: float) -> bool:
+        """True once ``key`` is confirmed; raises when refused, closed or out of time
+        (removing ``handler``). Caller holds ``_cond``."""
+        if self._is_confirmed(key):
+            return True
+        refused = self._refused.get(key) if self._is_settled(key) else None
+        if refused is not None:
+            self._remove_locked(key, handler)
+            command = "subscribe" if key[0] == "channel" else "psubscribe"
+            raise BackendError(f"{command} {key[1]!r}", refused)
+        if deadline - time.monotonic() <= 0 or self._closed:
+            self._remove_locked(key, handler)
+            reason = "the Coordinator is closed" if self._closed else (
+                f"subscription to {key[1]!r} was not confirmed within {limit:.3f}s")
+            raise BackendUnavailable(self._backend.address,
+                                     elapsed=time.monotonic() - start, reason=reason)
+        return False
 
     def _is_settled(self, key: _Key) -> bool:
         """Redis answered the latest (P)SUBSCRIBE of ``key`` on the live connection."""
@@ -330,7 +380,7 @@ class Listener:
                     break
                 with self._cond:
                     conn, self._conn = self._conn, None
-                    self._cond.notify_all()
+                    self._notify_all()
                 if conn is not None:
                     _disconnect(conn)
                 failures += 1
@@ -355,7 +405,7 @@ class Listener:
             if self._handlers:
                 self._send_subscribe(conn, list(self._handlers))
             self._hooks_due = self._gen > 1
-            self._cond.notify_all()
+            self._notify_all()
         return conn
 
     def _serve(self, conn: Any) -> None:
@@ -419,7 +469,7 @@ class Listener:
             elif error is not None:
                 self._log.warning("events.command_refused", command=command,
                                   error=str(error))
-            self._cond.notify_all()
+            self._notify_all()
         if command.endswith("SUBSCRIBE"):
             self._maybe_run_hooks()
 

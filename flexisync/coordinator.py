@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-import threading
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 from flexisync._connection import (
     DEFAULT_URL,
@@ -17,10 +16,11 @@ from flexisync._connection import (
     adopt_client,
     build_client,
     parse_url,
+    validate_redis_options,
 )
+from flexisync._core.context import Context, shared
 from flexisync._durations import Duration, optional_seconds, seconds
 from flexisync._keys import KeySpace, validate_name
-from flexisync._listener import Listener
 from flexisync._log import get_logger
 from flexisync.errors import ConfigError
 
@@ -33,11 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Coordinator", "connect"]
 
-_T = TypeVar("_T")
-
-_live: weakref.WeakSet[Coordinator] = weakref.WeakSet()
-_fork_hook_installed = False
-_install_lock = threading.Lock()
 
 
 def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any = None,
@@ -59,11 +54,23 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
         redis_options: extra keyword arguments for ``redis.Redis`` (e.g.
             ``socket_timeout=1.0``), checked before anything is built.
 
+    Coordinators of one process with the same URL, options, retry policy and namespace
+    (sync or :func:`flexisync.aio.connect`) share one connection pool, one pub/sub
+    listener and one mirror per breaker; the shared part closes with the last of them.
+
     Raises:
         ConfigError: malformed URL, unknown scheme, bad namespace, an unknown redis
             option (with the closest known name) or a timeout that is not a finite
             number of seconds, or ``client`` combined with ``url`` or ``redis_options``.
     """
+    return Coordinator(open_context(url, namespace=namespace, client=client, retry=retry,
+                                    redis_options=redis_options))
+
+
+def open_context(url: str | None, *, namespace: str, client: Any, retry: RetryPolicy | None,
+                 redis_options: dict[str, Any]) -> Context:
+    """Validate ``connect()``'s arguments and return the shared :class:`Context` for
+    them (one more reference taken). Both shells' ``connect()`` use it."""
     keys = KeySpace(validate_name(namespace, "namespace"))
     policy = retry if retry is not None else RetryPolicy()
     if not isinstance(policy, RetryPolicy):
@@ -75,14 +82,49 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
             raise ConfigError(
                 f"client must be a redis.Redis instance, not {type(client).__name__}"
             )
+        if type(client).__module__.startswith("redis.asyncio"):
+            client = _sync_twin(client)
         backend = Backend(adopt_client(client), address=_client_address(client),
                           retry=policy)
-        return Coordinator(backend, keys, spec=None)
+        return shared(None, lambda: _context(backend, keys, None, None))
     if url is None:
         url = os.environ.get("FLEXISYNC_URL") or DEFAULT_URL
     spec = parse_url(url)
-    backend = Backend(build_client(spec, **redis_options), address=spec.address, retry=policy)
-    return Coordinator(backend, keys, spec=spec)
+    checked = validate_redis_options(redis_options)
+    # Never logged or shown: it holds the password so that two users never share.
+    identity = (repr(dataclasses.asdict(spec)), repr(sorted(checked.items())), policy,
+                keys.namespace)
+
+    def build() -> Context:
+        backend = Backend(build_client(spec, **checked), address=spec.address, retry=policy)
+        return _context(backend, keys, spec, identity)
+
+    return shared(identity, build)
+
+
+def _context(backend: Backend, keys: KeySpace, spec: ConnectionSpec | None,
+             identity: Any) -> Context:
+    from flexisync.aio._backend import AsyncBackend, async_client_factory  # noqa: PLC0415
+
+    def make_async() -> AsyncBackend:
+        return AsyncBackend(async_client_factory(backend.client), address=backend.address,
+                            retry=backend.retry)
+
+    return Context(backend, keys, spec=spec, make_async=make_async, identity=identity)
+
+
+def _sync_twin(client: Any) -> Any:
+    """A blocking ``redis.Redis`` with the settings of a ``redis.asyncio.Redis``."""
+    import redis  # noqa: PLC0415
+
+    pool = client.connection_pool
+    classes = {"UnixDomainSocketConnection": redis.UnixDomainSocketConnection,
+               "SSLConnection": redis.SSLConnection, "Connection": redis.Connection}
+    base = next((classes[c.__name__] for c in pool.connection_class.__mro__
+                 if c.__name__ in classes), redis.Connection)
+    kwargs = {k: v for k, v in pool.connection_kwargs.items()
+              if k not in {"retry", "redis_connect_func", "event_dispatcher"}}
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=base, **kwargs))
 
 
 def _client_address(client: Any) -> str:
@@ -101,45 +143,33 @@ class Coordinator:
     connections and threads there and holds none of the parent's locks.
     """
 
-    def __init__(self, backend: Backend, keys: KeySpace, *, spec: ConnectionSpec | None) -> None:
-        self._backend = backend
-        self._keys = keys
-        self._spec = spec
-        self._log = get_logger("coordinator", namespace=keys.namespace)
-        self._lock = threading.RLock()  # RLock: an extension's factory may use the listener
-        self._listener_obj: Listener | None = None
-        self._extensions: dict[str, Any] = {}
-        self._events_obj: EventBus | None = None
-        self._fork_hooks: list[Callable[[], None]] = []
-        self._close_hooks: list[Callable[[], None]] = []
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
         self._closed = False
-        self.fork_generation = 0
-        backend.on_fork = self._after_fork
-        _install_fork_hook()
-        _live.add(self)
-        _warn_if_uwsgi_skips_fork_hooks(self._log)
+        _warn_if_uwsgi_skips_fork_hooks(ctx.log)
 
     # --- identity ------------------------------------------------------------------
 
     @property
     def namespace(self) -> str:
         """The prefix of every key and channel this Coordinator uses."""
-        return self._keys.namespace
+        return self._ctx.keys.namespace
 
     @property
     def url(self) -> str:
         """The connection URL with any password replaced by ``***``."""
-        return self._spec.redacted() if self._spec is not None else self._backend.address
+        spec = self._ctx.spec
+        return spec.redacted() if spec is not None else self._ctx.address
 
     @property
     def client(self) -> Any:
         """The underlying redis-py client (for advanced use; bypasses flexisync errors)."""
-        return self._backend.client
+        return self._ctx.backend.client
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has run."""
-        return self._closed
+        return self._closed or self._ctx.closed
 
     def __repr__(self) -> str:
         return f"<Coordinator {self.url} namespace={self.namespace!r}>"
@@ -158,7 +188,7 @@ class Coordinator:
         """
         from flexisync.state import StateStore  # noqa: PLC0415  (keeps import light)
 
-        return StateStore(self, validate_name(scope, "scope"),
+        return StateStore(self._ctx, validate_name(scope, "scope"),
                           ttl=optional_seconds(ttl, "ttl"))
 
     def lock(self, name: str, *, ttl: Duration = 30.0, timeout: Duration | None = None,
@@ -167,22 +197,16 @@ class Coordinator:
         """A :class:`~flexisync.locks.Lock` named ``name``. See that class."""
         from flexisync.locks import Lock  # noqa: PLC0415
 
-        return Lock(self, validate_name(name, "lock name"), ttl=seconds(ttl, "ttl"),
+        return Lock(self._ctx, validate_name(name, "lock name"), ttl=seconds(ttl, "ttl"),
                     timeout=optional_seconds(timeout, "timeout", allow_zero=True),
                     auto_renew=auto_renew, fair=fair, on_lost=on_lost)
 
     @property
     def events(self) -> EventBus:
         """The :class:`~flexisync.events.EventBus` of this namespace."""
-        bus = self._events_obj
-        if bus is None:
-            from flexisync.events import EventBus  # noqa: PLC0415
+        from flexisync.events import EventBus  # noqa: PLC0415
 
-            with self._lock:
-                if self._events_obj is None:
-                    self._events_obj = EventBus(self)
-                bus = self._events_obj
-        return bus
+        return self._ctx.extension("events", EventBus)
 
     def stream(self, name: str, *, maxlen: int | None = 10_000,
                ttl: Duration | None = 604_800.0) -> Stream:
@@ -200,14 +224,14 @@ class Coordinator:
         """
         from flexisync.streams import Stream  # noqa: PLC0415
 
-        return Stream(self, validate_name(name, "stream name"), maxlen=maxlen,
+        return Stream(self._ctx, validate_name(name, "stream name"), maxlen=maxlen,
                       ttl=optional_seconds(ttl, "ttl"))
 
     def breaker(self, name: str, **policy: Any) -> CircuitBreaker:
         """The :class:`~flexisync.breaker.CircuitBreaker` named ``name``. See that class."""
         from flexisync.breaker import CircuitBreaker  # noqa: PLC0415
 
-        return CircuitBreaker(self, validate_name(name, "breaker name"), **policy)
+        return CircuitBreaker(self._ctx, validate_name(name, "breaker name"), **policy)
 
     # --- operations --------------------------------------------------------------------
 
@@ -217,22 +241,18 @@ class Coordinator:
         Raises:
             BackendUnavailable: Redis did not answer within the retry budget.
         """
-        return self._backend.ping()
+        return self._ctx.backend.ping()
 
     def close(self) -> None:
-        """Stop this Coordinator's threads and close its connections. Idempotent."""
+        """Close this Coordinator. Idempotent.
+
+        Its threads and connections stop when no other Coordinator of this process
+        shares them (same URL, options and namespace, sync or asyncio).
+        """
         if self._closed:
             return
         self._closed = True
-        for hook in reversed(self._close_hooks):
-            try:
-                hook()
-            except Exception:
-                self._log.exception("coordinator.close_hook_failed")
-        if self._listener_obj is not None:
-            self._listener_obj.close()
-        self._backend.closed = True
-        self._backend.close()
+        self._ctx.release()
 
     def __enter__(self) -> Coordinator:
         return self
@@ -240,53 +260,17 @@ class Coordinator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- internal, for the primitives --------------------------------------------------
 
-    @property
-    def _listener(self) -> Listener:
-        listener = self._listener_obj
-        if listener is None:
-            with self._lock:
-                if self._listener_obj is None:
-                    self._listener_obj = Listener(self._backend)
-                listener = self._listener_obj
-        return listener
-
-    def _extension(self, key: str, factory: Callable[[Coordinator], _T]) -> _T:
-        """The one per-Coordinator helper object under ``key``, built by ``factory`` once.
-
-        Primitives keep their process-wide machinery here (the lock watchdog, the breaker
-        hub), so it lives and dies with the Coordinator.
-        """
-        found = self._extensions.get(key)
-        if found is None:
-            with self._lock:
-                found = self._extensions.get(key)
-                if found is None:
-                    found = self._extensions[key] = factory(self)
-        return cast(_T, found)
-
-    def _on_fork(self, hook: Callable[[], None]) -> None:
-        """Run ``hook()`` in a forked child, after connections and listener are reset."""
-        self._fork_hooks.append(hook)
-
-    def _on_close(self, hook: Callable[[], None]) -> None:
-        """Run ``hook()`` first thing in :meth:`close` (stop threads before sockets)."""
-        self._close_hooks.append(hook)
-
-    def _after_fork(self) -> None:
-        self._backend.pid = os.getpid()
-        self._lock = threading.RLock()
-        self.fork_generation += 1
-        if self._closed:
-            return
-        if self._listener_obj is not None:
-            self._listener_obj.after_fork()
-        for hook in self._fork_hooks:
-            try:
-                hook()
-            except Exception:
-                self._log.exception("coordinator.fork_hook_failed")
+# TRANSITIONAL (removed once every module and test uses Coordinator._ctx).
+Coordinator._backend = property(lambda self: self._ctx.backend)  # type: ignore[attr-defined]
+Coordinator._keys = property(lambda self: self._ctx.keys)  # type: ignore[attr-defined]
+Coordinator._listener = property(lambda self: self._ctx.listener)  # type: ignore[attr-defined]
+Coordinator._listener_obj = property(  # type: ignore[attr-defined]
+    lambda self: self._ctx.listener_if_started)
+Coordinator._extension = property(  # type: ignore[attr-defined]
+    lambda self: self._ctx.extension)
+Coordinator.fork_generation = property(  # type: ignore[attr-defined]
+    lambda self: self._ctx.fork_generation)
 
 
 _uwsgi_warned = False
@@ -313,17 +297,3 @@ def _warn_if_uwsgi_skips_fork_hooks(log: Any) -> None:
         _uwsgi_warned = True
         log.warning("coordinator.uwsgi_fork_hooks_missing",
                     hint="set py-call-uwsgi-fork-hooks = true (or lazy-apps = true)")
-
-
-def _after_fork_in_child() -> None:
-    for coordinator in list(_live):
-        coordinator._after_fork()
-
-
-def _install_fork_hook() -> None:
-    global _fork_hook_installed
-    with _install_lock:
-        if not _fork_hook_installed and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork_in_child)
-            _fork_hook_installed = True
-

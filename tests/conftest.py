@@ -7,6 +7,8 @@ its own and deletes only that namespace's keys.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import multiprocessing
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 import redis
 
 import flexisync
+import flexisync.aio
 from flexisync.embedded import EmbeddedRedis, start
 from flexisync.testing import delete_namespace, unique_namespace
 from tests.faults import FaultProxy
@@ -66,3 +69,36 @@ def proxy(own_server: EmbeddedRedis) -> Iterator[FaultProxy]:
     """
     with FaultProxy(own_server.port) as fault_proxy:
         yield fault_proxy
+
+
+@pytest.fixture
+def aio(flexisync_url: str, namespace: str) -> Iterator[flexisync.aio.AsyncCoordinator]:
+    """An AsyncCoordinator on the test Redis under the test's namespace (for ``async def``
+    tests; it is closed inside the test's event loop)."""
+    coordinator = flexisync.aio.connect(flexisync_url, namespace=namespace)
+    _closers.append(coordinator.aclose)
+    yield coordinator
+
+
+_closers: list[Any] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run ``async def`` tests with ``asyncio.run``; async fixtures' closers run at the
+    end, inside the same event loop."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+
+    async def main() -> None:
+        try:
+            await pyfuncitem.obj(**kwargs)
+        finally:
+            closers = list(_closers)
+            _closers.clear()
+            for close in reversed(closers):
+                await close()
+
+    asyncio.run(main())
+    return True

@@ -436,8 +436,13 @@ def test_waiter_gets_the_lock_after_a_server_restart(own_server: EmbeddedRedis) 
 
 
 def test_closing_the_coordinator_ends_a_wait(flexisync_url: str, namespace: str) -> None:
-    """A thread blocked in acquire() raises BackendUnavailable when its Coordinator closes."""
-    with flexisync.connect(flexisync_url, namespace=namespace) as holder_sync:
+    """A thread blocked in acquire() raises BackendUnavailable when its Coordinator closes.
+
+    The holder uses other settings (a retry policy of its own): Coordinators of the same
+    settings in one process share their machinery, which closes with the last of them.
+    """
+    with flexisync.connect(flexisync_url, namespace=namespace,
+                           retry=flexisync.RetryPolicy(deadline=2.5)) as holder_sync:
         holder = holder_sync.lock("closing", ttl=60)
         assert holder.acquire()
         sync = flexisync.connect(flexisync_url, namespace=namespace)

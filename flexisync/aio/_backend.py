@@ -1,0 +1,203 @@
+"""The asyncio backend: a ``redis.asyncio`` client per event loop, same rules as sync.
+
+Every call is bounded by one wall-clock deadline (the retry policy's, or a sooner one
+the caller gives) and retried with the same decisions as the blocking backend
+(:func:`flexisync._connection.next_pause`). A ``redis.asyncio`` connection belongs to
+the event loop that opened it, so the backend keeps one client per running loop:
+``asyncio.run()`` called again and again (as test suites do) gets a fresh client each
+time, never one "attached to a different loop". The clients are built from the same
+settings as the Context's blocking client (server, credentials, TLS, database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import os
+import sys
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+import redis.asyncio.connection as aconnection
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+
+from flexisync._connection import RetryPolicy, call_bound, load_script, next_pause, translate
+from flexisync._log import get_logger
+from flexisync.errors import BackendUnavailable, ConfigError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
+    from async_timeout import timeout as _timeout
+
+__all__ = ["AsyncBackend", "async_client_factory"]
+
+T = TypeVar("T")
+
+_CLASSES: dict[str, type] = {
+    "UnixDomainSocketConnection": aconnection.UnixDomainSocketConnection,
+    "SSLConnection": aconnection.SSLConnection,
+    "Connection": aconnection.Connection,
+}
+
+
+def _accepted(cls: type) -> frozenset[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return frozenset(names - {"self", "args", "kwargs"})
+
+
+def async_client_factory(client: Any, *, max_connections: int = 100,
+                         ) -> Callable[[], Any]:
+    """A function building a ``redis.asyncio`` client like the blocking ``client``.
+
+    Raises:
+        ConfigError: the client is of a kind the asyncio shell cannot mirror yet
+            (a cluster client).
+    """
+    if isinstance(client, redis.RedisCluster):
+        raise ConfigError("the asyncio shell does not support Redis Cluster yet")
+    if type(client).__module__.startswith("fakeredis"):
+        import fakeredis  # noqa: PLC0415  (the memory extra)
+
+        server = client.connection_pool.connection_kwargs.get("server")
+        return lambda: fakeredis.FakeAsyncRedis(server=server)
+    pool = client.connection_pool
+    base = next((c for c in pool.connection_class.__mro__ if c.__name__ in _CLASSES), None)
+    if base is None:
+        raise ConfigError(f"no asyncio equivalent of {pool.connection_class.__name__}")
+    cls = _CLASSES[base.__name__]
+    accepted = _accepted(cls)
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in accepted}
+    kwargs["retry"] = AsyncRetry(NoBackoff(), 0)  # retries happen in AsyncBackend.call
+
+    def build() -> Any:
+        # A blocking pool waits for a free connection (within the call's deadline)
+        # instead of failing with MaxConnectionsError under a burst.
+        apool = redis.asyncio.BlockingConnectionPool(
+            connection_class=cls, max_connections=max_connections, timeout=None, **kwargs)
+        return redis.asyncio.Redis(connection_pool=apool)
+
+    return build
+
+
+class AsyncBackend:
+    """``redis.asyncio`` clients (one per event loop) plus retries and deadlines."""
+
+    def __init__(self, make_client: Callable[[], Any], *, address: str,
+                 retry: RetryPolicy) -> None:
+        self._make_client = make_client
+        self.address = address
+        self.retry = retry
+        self.closed = False
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = \
+            weakref.WeakKeyDictionary()
+        self._shas: dict[str, str] = {}
+        self._pid = os.getpid()
+        self._log = get_logger("connection", address=address)
+
+    def client(self) -> Any:
+        """The running event loop's client (built on first use in that loop)."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)
+        if found is None:
+            found = self._clients[loop] = self._make_client()
+        return found
+
+    async def call(self, operation: str, fn: Callable[[Any], Awaitable[T] | T], *,
+                   idempotent: bool = True, deadline: float | None = None,
+                   retry: RetryPolicy | None = None) -> T:
+        """Await ``fn(client)`` under the retry policy, within one wall-clock bound.
+
+        The same arguments and errors as the blocking ``Backend.call``: raises
+        ``BackendUnavailable`` when Redis cannot be reached before the bound (with the
+        true attempts and seconds) and ``BackendError`` when Redis answers an error.
+        """
+        if self.closed:
+            raise BackendUnavailable(self.address, reason="the Coordinator is closed")
+        policy = self.retry if retry is None else retry
+        start = time.monotonic()
+        bound = call_bound(policy, start, deadline)
+        client = self.client()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await self._attempt(fn, client, bound)
+            except (rexc.RedisError, OSError) as exc:
+                failure: BaseException = exc
+            pause = next_pause(policy, failure, attempts, idempotent=idempotent, bound=bound)
+            if pause is None:
+                raise translate(operation, failure, self.address, attempts,
+                                time.monotonic() - start) from failure
+            await asyncio.sleep(pause)
+
+    @staticmethod
+    async def _attempt(fn: Callable[[Any], Awaitable[T] | T], client: Any, bound: float) -> T:
+        left = bound - time.monotonic()
+        if left <= 0:
+            raise rexc.TimeoutError("flexisync deadline reached before the command was sent")
+        try:
+            async with _timeout(left):
+                result = fn(client)
+                if inspect.isawaitable(result):
+                    return await result  # type: ignore[no-any-return]
+                return result
+        except TimeoutError:
+            raise rexc.TimeoutError(f"no reply within {left:.3f}s (call deadline)") from None
+
+    async def run_script(self, operation: str, name: str, keys: Sequence[str],
+                         args: Sequence[Any], *, idempotent: bool = True,
+                         deadline: float | None = None,
+                         retry: RetryPolicy | None = None) -> Any:
+        """Run ``flexisync/_scripts/<name>.lua`` by EVALSHA (loading it on NOSCRIPT)."""
+        text = load_script(name)
+        sha = self._shas.get(name)
+        if sha is None:
+            sha = self._shas[name] = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+        async def evalsha(client: Any) -> Any:
+            try:
+                return await client.evalsha(sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                await client.script_load(text)
+                return await client.evalsha(sha, len(keys), *keys, *args)
+
+        return await self.call(operation, evalsha, idempotent=idempotent, deadline=deadline,
+                               retry=retry)
+
+    async def ping(self) -> float:
+        """One PING; the round-trip time in seconds."""
+        start = time.perf_counter()
+        await self.call("ping", lambda c: c.ping())
+        return time.perf_counter() - start
+
+    async def aclose(self) -> None:
+        """Close the running loop's client; forget the others (their loops are gone or
+        will close their sockets with them)."""
+        self.closed = True
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            client = self._clients.pop(loop, None)
+            if client is not None:
+                with contextlib.suppress(rexc.RedisError, OSError):
+                    await client.aclose()
+        self._clients = weakref.WeakKeyDictionary()
+
+    def after_fork(self) -> None:
+        """Forget the parent's clients (their sockets belong to the parent)."""
+        self._pid = os.getpid()
+        self._clients = weakref.WeakKeyDictionary()
