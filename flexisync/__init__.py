@@ -74,11 +74,12 @@ __all__ = [
     "UnknownResumePoint",
 ]
 
-_LAZY_SUBMODULES = frozenset({"embedded", "sse", "testing"})
+_LAZY_SUBMODULES = frozenset({"aio", "embedded", "sse", "testing"})
 
 
 def __getattr__(name: str) -> ModuleType:
-    """Import ``flexisync.sse``, ``flexisync.embedded`` and ``flexisync.testing`` on use."""
+    """Import ``flexisync.aio``, ``flexisync.sse``, ``flexisync.embedded`` and
+    ``flexisync.testing`` on use."""
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"flexisync.{name}")
     raise AttributeError(f"module 'flexisync' has no attribute {name!r}")

@@ -70,6 +70,14 @@ class Registration:
             self._closed = True
             self._listener._remove(self._key, self._handler, wait=wait)
 
+    async def aclose(self) -> None:
+        """:meth:`close` with ``wait=True`` for coroutines: the same guarantee, without
+        blocking the event loop. Cancelled while it waits, the handler is removed all the
+        same (only the wait for Redis's confirmation is cut short)."""
+        if not self._closed:
+            self._closed = True
+            await self._listener._remove_async(self._key, self._handler)
+
 
 class Listener:
     """The Coordinator's pub/sub listener. Internal; see the module docstring.
@@ -307,6 +315,31 @@ class Listener:
                 if remaining <= 0:
                     return  # delivery already stopped here; only the server lags
                 self._cond.wait(remaining)
+
+    async def _remove_async(self, key: _Key, handler: Handler) -> None:
+        """:meth:`_remove` with ``wait=True``, awaiting the UNSUBSCRIBE's answer."""
+        signal = Signal()
+        with self._cond:
+            target = self._remove_locked(key, handler)
+            if target is None:
+                return
+            gen = self._gen
+            deadline = time.monotonic() + self.ping_timeout
+            self._signals.add(signal)
+        try:
+            while True:
+                with self._cond:
+                    signal.clear()
+                    if (self._gen != gen or self._conn is None or self._closed
+                            or self._answered >= target):
+                        return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return  # delivery already stopped here; only the server lags
+                await signal.wait_async(remaining)
+        finally:
+            with self._cond:
+                self._signals.discard(signal)
 
     def _remove_locked(self, key: _Key, handler: Handler) -> int | None:
         """Drop ``handler``; returns the number of the UNSUBSCRIBE to await, if sent."""

@@ -21,7 +21,6 @@ from flexisync._connection import (
 from flexisync._core.context import Context, shared
 from flexisync._durations import Duration, optional_seconds, seconds
 from flexisync._keys import KeySpace, validate_name
-from flexisync._log import get_logger
 from flexisync.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -259,18 +258,6 @@ class Coordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# TRANSITIONAL (removed once every module and test uses Coordinator._ctx).
-Coordinator._backend = property(lambda self: self._ctx.backend)  # type: ignore[attr-defined]
-Coordinator._keys = property(lambda self: self._ctx.keys)  # type: ignore[attr-defined]
-Coordinator._listener = property(lambda self: self._ctx.listener)  # type: ignore[attr-defined]
-Coordinator._listener_obj = property(  # type: ignore[attr-defined]
-    lambda self: self._ctx.listener_if_started)
-Coordinator._extension = property(  # type: ignore[attr-defined]
-    lambda self: self._ctx.extension)
-Coordinator.fork_generation = property(  # type: ignore[attr-defined]
-    lambda self: self._ctx.fork_generation)
 
 
 _uwsgi_warned = False

@@ -8,11 +8,12 @@ as ``events.disconnected`` / ``events.reconnected``). Use a
 
 How it works, and why:
 
-* Every subscription of a process shares the Coordinator's one listener connection and
-  one listener thread (:mod:`flexisync._listener`). That thread only decodes a message
-  and appends it to the subscription's bounded queue: it never blocks and never runs
-  user code, so it keeps draining the socket (Redis disconnects a pub/sub client whose
-  output buffer overflows).
+* Every subscription of a process shares the Context's one listener connection and
+  one listener thread (:mod:`flexisync._listener`), with the asyncio shell
+  (:mod:`flexisync.aio.events`) too. That thread only decodes a message and appends it
+  to the subscription's bounded queue: it never blocks and never runs user code, so it
+  keeps draining the socket (Redis disconnects a pub/sub client whose output buffer
+  overflows).
 * Each subscription has its own queue, bounded in events (``maxsize``) and in bytes
   (``max_bytes``, default 64 MiB); when either bound is passed the *oldest* events are
   dropped and counted, so a stalled consumer sees the newest events and costs bounded
@@ -32,138 +33,38 @@ raises, never logs a traceback, and never stops delivery.
 
 Accounting, per subscription and process: ``received == delivered + invalid + dropped
 + queued`` at every moment (``queued`` includes a message being decoded).
+
+The logic lives once in :mod:`flexisync._core.events`; this module only waits with
+threads.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import itertools
-import json
-import math
-import os
-import secrets
-import socket
 import threading
-import time
-import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flexisync._codec import MAX_DEPTH, dumps, loads
-from flexisync._durations import optional_seconds
-from flexisync._keys import is_pattern, validate_name, validate_pattern
-from flexisync._listener import Registration
-from flexisync._log import get_logger
-from flexisync.errors import ConfigError, DecodeError
-
-if TYPE_CHECKING:
-    from flexisync.coordinator import Coordinator
+from flexisync._core.events import (
+    DEFAULT_MAX_BYTES,
+    BusCore,
+    Event,
+    SubscriptionCore,
+    SubscriptionStats,
+)
+from flexisync._core.events import _ids as _ids  # noqa: PLC0414  (streams import it here)
+from flexisync._core.plan import run
 
 __all__ = ["DEFAULT_MAX_BYTES", "Event", "EventBus", "Subscription", "SubscriptionStats"]
 
-Callback = Callable[["Event"], Any]
-
-_ENVELOPE_VERSION = 1
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-"""Default ``max_bytes`` of a subscription's queue: 64 MiB of messages as received."""
-_HOST = socket.gethostname()
+Callback = Callable[[Event], Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One event, from pub/sub or from a stream.
-
-    Attributes:
-        id: unique id of the event. For pub/sub, unique across processes (empty when
-            the message was not published by flexisync); for a stream, the stream
-            entry id (``"<ms>-<seq>"``), usable as a resume point.
-        topic: the topic (pub/sub) or the stream name.
-        type: the event type given to ``publish``/``append`` (default ``"message"``).
-        data: the JSON payload, decoded.
-        time: when it was published, epoch seconds (the publisher's clock).
-        source: ``"host:pid"`` of the publishing process (empty when unknown).
-    """
-
-    id: str
-    topic: str
-    type: str
-    data: Any
-    time: float
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionStats:
-    """Counters of one subscription, in this process.
-
-    Attributes:
-        received: messages that arrived for this subscription (including invalid ones).
-        delivered: events handed to the callback or returned by ``get``/iteration.
-        dropped: events discarded because the queue was full (the oldest go first).
-        errors: callback calls that raised.
-        invalid: messages that were not JSON (dropped).
-        gaps: times the listener reconnected while this subscription was live; events
-            published during each outage were not delivered.
-        queued: events waiting in the queue now.
-    """
-
-    received: int
-    delivered: int
-    dropped: int
-    errors: int
-    invalid: int
-    gaps: int
-    queued: int
-
-
-class _Ids:
-    """Cheap event ids unique across processes: a per-process random prefix + counter."""
-
-    def __init__(self) -> None:
-        self.pid = -1
-        self.prefix = ""
-        self.source = ""
-        self.counter: Iterator[int] = itertools.count()
-
-    def next(self) -> tuple[str, str]:
-        pid = os.getpid()
-        if pid != self.pid:  # first use, or a forked child
-            self.pid = pid
-            self.prefix = f"{time.time_ns() // 1_000_000:x}{secrets.token_hex(4)}-"
-            self.source = f"{_HOST}:{pid}"
-            self.counter = itertools.count(1)
-        return f"{self.prefix}{next(self.counter):x}", self.source
-
-
-_ids = _Ids()
-
-
-class EventBus:
+class EventBus(BusCore):
     """Publish events to topics and subscribe to them; reach it as ``coordinator.events``.
 
     Topics follow the name rule (1-200 characters from letters, digits and ``._-:/@``);
     :meth:`subscribe` also accepts the glob characters ``* ? [ ]``.
     """
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coordinator = coordinator
-        self._backend = coordinator._backend
-        self._keys = coordinator._keys
-        self._prefix = self._keys.channel("events", "")
-        self._log = get_logger("events", namespace=self._keys.namespace)
-        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
-        self._subs_lock = threading.Lock()
-        self._user_hooks: list[Callable[[], None]] = []
-        self._hook_remover: Callable[[], None] | None = None
-        coordinator._on_fork(self._after_fork)
-        coordinator._on_close(self.close)
-
-    def __repr__(self) -> str:
-        return f"<EventBus namespace={self._keys.namespace!r}>"
-
-    # --- publishing ----------------------------------------------------------------
 
     def publish(self, topic: str, data: Any = None, *, type: str = "message") -> int:
         """Send ``data`` to every current subscriber of ``topic``, in every process.
@@ -185,18 +86,7 @@ class EventBus:
             BackendUnavailable: Redis could not be reached within the retry policy's
                 deadline (a stalled server included: the call is bounded by it).
         """
-        channel = self._prefix + validate_name(topic, "topic")
-        validate_name(type, "event type")
-        event_id, source = _ids.next()
-        body = dumps(data, "data")
-        message = (f'{{"flexisync":1,"id":"{event_id}","type":{json.dumps(type)},'
-                   f'"time":{time.time()!r},"source":{json.dumps(source)},"data":{body}}}')
-        # PUBLISH is not idempotent: retried only when it cannot have reached Redis.
-        return int(self._backend.call("events.publish",
-                                      lambda c: c.publish(channel, message),
-                                      idempotent=False))
-
-    # --- subscribing ---------------------------------------------------------------
+        return run(self._ctx, self.publish_plan(topic, data, type))
 
     def subscribe(self, topic: str, callback: Callback | None = None, *,
                   maxsize: int = 1000, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -225,29 +115,12 @@ class EventBus:
             BackendUnavailable: the subscription was not confirmed within the timeout
                 (Redis down or stalled).
         """
-        validate_pattern(topic, "topic")
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ConfigError(f"maxsize must be an int >= 1, got {maxsize!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ConfigError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
-        limit = optional_seconds(timeout, "timeout")
-        if callback is not None and not callable(callback):
-            raise ConfigError(f"callback must be callable, not {type(callback).__name__}")
-        listener = self._coordinator._listener
-        self._ensure_reconnect_hook()
+        limit = self._check_subscribe(topic, callback, maxsize, max_bytes, timeout)
         sub = Subscription(self, topic, callback, maxsize, max_bytes)
-        with self._subs_lock:
-            self._subs.add(sub)
-        channel = self._prefix + topic
         try:
-            if is_pattern(topic):
-                sub._registration = listener.psubscribe(channel, sub._on_message,
-                                                        timeout=limit)
-            else:
-                sub._registration = listener.subscribe(channel, sub._on_message,
-                                                       timeout=limit)
+            run(self._ctx, self.subscribe_plan(sub, limit))
         except BaseException:
-            sub.close()
+            sub.close()  # joins the dispatcher thread
             raise
         return sub
 
@@ -260,47 +133,19 @@ class EventBus:
 
         Returns:
             A function that removes the hook.
+
+        Raises:
+            ConfigError: ``hook`` is not callable.
         """
-        if not callable(hook):
-            raise ConfigError(f"hook must be callable, not {type(hook).__name__}")
-        self._ensure_reconnect_hook()
-        with self._subs_lock:
-            self._user_hooks.append(hook)
-
-        def remove() -> None:
-            with self._subs_lock, contextlib.suppress(ValueError):
-                self._user_hooks.remove(hook)
-
-        return remove
+        return self._add_user_hook(hook, hook)
 
     def close(self) -> None:
         """Close every subscription of this bus (called by ``Coordinator.close()``)."""
-        with self._subs_lock:
-            subs = list(self._subs)
-        for sub in subs:
-            sub.close()
-        remover, self._hook_remover = self._hook_remover, None
-        if remover is not None:
-            remover()
+        self._close_all()
 
-    # --- internals -----------------------------------------------------------------
-
-    def _ensure_reconnect_hook(self) -> None:
-        with self._subs_lock:
-            if self._hook_remover is None:
-                self._hook_remover = self._coordinator._listener.add_reconnect_hook(
-                    self._on_reconnect)
-
-    def _on_reconnect(self) -> None:
-        """On the listener thread: count the gap; run user hooks on another thread."""
-        with self._subs_lock:
-            subs = list(self._subs)
-            hooks = list(self._user_hooks)
-        for sub in subs:
-            sub._gaps += 1
-        if hooks:
-            threading.Thread(target=self._run_hooks, args=(hooks,),
-                             name="flexisync-events-reconnect", daemon=True).start()
+    def _run_user_hooks(self, hooks: list[Any]) -> None:
+        threading.Thread(target=self._run_hooks, args=(hooks,),
+                         name="flexisync-events-reconnect", daemon=True).start()
 
     def _run_hooks(self, hooks: list[Callable[[], None]]) -> None:
         for hook in hooks:
@@ -309,21 +154,8 @@ class EventBus:
             except Exception:
                 self._log.exception("events.reconnect_hook_failed")
 
-    def _forget(self, sub: Subscription) -> None:
-        with self._subs_lock:
-            self._subs.discard(sub)
 
-    def _after_fork(self) -> None:
-        self._subs_lock = threading.Lock()
-        for sub in list(self._subs):
-            sub._after_fork()
-
-    def _topic_of(self, channel: str) -> str:
-        prefix = self._prefix
-        return channel[len(prefix):] if channel.startswith(prefix) else channel
-
-
-class Subscription:
+class Subscription(SubscriptionCore):
     """One subscription to a topic or pattern; build it with ``EventBus.subscribe``.
 
     With a callback, events are delivered on the subscription's own dispatcher thread.
@@ -336,43 +168,14 @@ class Subscription:
         max_bytes: how many bytes of messages (as received) the queue holds at most.
     """
 
-    def __init__(self, bus: EventBus, topic: str, callback: Callback | None,
-                 maxsize: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self._bus = bus
-        self.topic = topic
-        self.maxsize = maxsize
-        self.max_bytes = max_bytes
-        self._callback = callback
-        self._registration: Registration | None = None
-        self._closed = False
-        self._gaps = 0
-        self._oversize_logged = False
-        self._reset_local()
+    _thread: threading.Thread | None = None
 
-    def _reset_local(self) -> None:
-        """Queue, lock, counters and thread of this process (fresh after a fork)."""
-        self._cond = threading.Condition(threading.Lock())
-        # Messages as received: (channel, payload, arrival time); decoded when consumed.
-        self._queue: collections.deque[tuple[str, bytes, float]] = collections.deque()
-        self._bytes = 0  # sum of the payload sizes in _queue
-        self._in_hand = 0  # taken off the queue, being decoded
-        self._received = 0
-        self._delivered = 0
-        self._dropped = 0
-        self._errors = 0
-        self._invalid = 0
-        self._gen = self._bus._coordinator.fork_generation
-        self._thread: threading.Thread | None = None
+    def _start_local(self) -> None:
+        self._thread = None
         if self._callback is not None and not self._closed:
             self._thread = threading.Thread(
                 target=self._dispatch, name=f"flexisync-events:{self.topic}", daemon=True)
             self._thread.start()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<Subscription {self.topic!r} {state}>"
-
-    # --- consuming -----------------------------------------------------------------
 
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (``None``: until one comes).
@@ -389,28 +192,16 @@ class Subscription:
             ConfigError: ``timeout`` is negative or not a number.
             RuntimeError: the subscription delivers to a callback instead.
         """
-        if self._callback is not None:
-            raise RuntimeError("this subscription delivers to its callback; get() is for "
-                               "subscriptions made without one")
-        limit = optional_seconds(timeout, "timeout", allow_zero=True)
-        deadline = None if limit is None else time.monotonic() + limit
-        cond, queue = self._cond, self._queue
-        while True:
-            with cond:
-                while not queue:
-                    if self._closed:
-                        return None
-                    if deadline is None:
-                        cond.wait()
-                    else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            return None
-                        cond.wait(remaining)
-                message = self._take()
-            event = self._decode(message)
-            if event is not None:
-                return event
+        return self._next(self._deadline(timeout))
+
+    def _next(self, deadline: float | None) -> Event | None:
+        """Run the core's wait plan, blocking this thread while it waits."""
+        pull = self._pull(deadline)
+        try:
+            while True:
+                self._ready.wait(next(pull))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[Event]:
         """Yield events as they come; ends when the subscription is closed."""
@@ -420,30 +211,6 @@ class Subscription:
                 return
             yield event
 
-    @property
-    def stats(self) -> SubscriptionStats:
-        """A snapshot of this subscription's counters in this process.
-
-        ``received == delivered + invalid + dropped + queued`` holds in every snapshot.
-        """
-        with self._cond:
-            return SubscriptionStats(
-                received=self._received, delivered=self._delivered, dropped=self._dropped,
-                errors=self._errors, invalid=self._invalid, gaps=self._gaps,
-                queued=len(self._queue) + self._in_hand,
-            )
-
-    @property
-    def queued_bytes(self) -> int:
-        """Bytes of messages waiting in the queue now (at most :attr:`max_bytes`)."""
-        with self._cond:
-            return self._bytes
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._closed
-
     def close(self) -> None:
         """Unsubscribe. Idempotent.
 
@@ -452,20 +219,14 @@ class Subscription:
         running to return (not at all when called from the callback itself). A
         blocked ``get()`` returns ``None``.
         """
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._dropped += len(self._queue)
-            self._queue.clear()
-            self._bytes = 0
-            self._cond.notify_all()
-        if self._registration is not None:
+        closing = self._mark_closed()
+        if closing and self._registration is not None:
             self._registration.close()
-        self._bus._forget(self)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+
+    _shutdown = close
 
     def __enter__(self) -> Subscription:
         return self
@@ -473,112 +234,11 @@ class Subscription:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- decoding (on the consuming thread, outside the lock) ------------------------
-
-    def _take(self) -> tuple[str, bytes, float]:
-        """Pop the oldest message; caller holds ``_cond`` and saw the queue non-empty."""
-        message = self._queue.popleft()
-        self._bytes -= len(message[1])
-        self._in_hand += 1
-        return message
-
-    def _decode(self, message: tuple[str, bytes, float]) -> Event | None:
-        """The event a message carries, or None (counted invalid) for foreign junk."""
-        channel, payload, arrived = message
-        topic = self._bus._topic_of(channel)
-        try:
-            # The envelope adds one level around data that dumps() kept within MAX_DEPTH.
-            event = _event(topic, loads(payload, topic, max_depth=MAX_DEPTH + 1), arrived)
-        except DecodeError:
-            event = None
-        with self._cond:
-            self._in_hand -= 1
-            if event is None:
-                self._invalid += 1
-            elif self.closed:  # close() ran while it was decoded: discarded with the rest
-                self._dropped += 1
-                return None
-            else:
-                self._delivered += 1
-        return event
-
-    # --- the listener side (runs on the listener thread: enqueue, never block) -------
-
-    def _on_message(self, channel: str, payload: bytes, _pattern: str | None) -> None:
-        if self._closed or self._gen != self._bus._coordinator.fork_generation:
-            return  # closed, or a forked child before its fork hook rebuilt us
-        size = len(payload)
-        with self._cond:
-            if self.closed:  # close() ran meanwhile
-                return
-            self._received += 1
-            if size > self.max_bytes:  # could never fit: drop it now, say so once
-                self._dropped += 1
-                oversize = not self._oversize_logged
-                self._oversize_logged = True
-            else:
-                oversize = False
-                queue = self._queue
-                queue.append((channel, payload, time.time()))
-                self._bytes += size
-                while len(queue) > self.maxsize or self._bytes > self.max_bytes:
-                    self._bytes -= len(queue.popleft()[1])
-                    self._dropped += 1
-                self._cond.notify()
-        if oversize:
-            self._bus._log.warning("events.message_too_large", topic=self.topic,
-                                   size=size, max_bytes=self.max_bytes)
-
-    # --- the dispatcher (callback subscriptions) --------------------------------------
-
     def _dispatch(self) -> None:
         callback = self._callback
         assert callback is not None
-        cond, queue = self._cond, self._queue
-        log = self._bus._log
-        while True:
-            with cond:
-                while not queue and not self._closed:
-                    cond.wait()
-                if self._closed:
-                    return
-                message = self._take()
-            event = self._decode(message)
-            if event is None:
-                continue
+        while (event := self._next(None)) is not None:
             try:
                 callback(event)
             except Exception:
-                with cond:
-                    self._errors += 1
-                log.exception("events.callback_failed", topic=event.topic, type=event.type)
-
-    def _after_fork(self) -> None:
-        """In a forked child: new lock and queue, fresh counters, a new dispatcher."""
-        self._gaps = 0
-        self._reset_local()
-
-
-def _event(topic: str, doc: Any, arrived: float) -> Event | None:
-    """The event a decoded message carries; None for a malformed flexisync envelope."""
-    if not (isinstance(doc, dict) and doc.get("flexisync") == _ENVELOPE_VERSION):
-        return Event(id="", topic=topic, type="message", data=doc, time=arrived, source="")
-    event_id, kind, source = doc.get("id", ""), doc.get("type", "message"), doc.get("source", "")
-    if not (isinstance(event_id, str) and isinstance(kind, str) and isinstance(source, str)):
-        return None
-    try:
-        validate_name(kind, "event type")  # it becomes an SSE `event:` line
-    except ConfigError:
-        return None
-    return Event(id=event_id, topic=topic, type=kind, data=doc.get("data"),
-                 time=_float(doc.get("time"), arrived), source=source)
-
-
-def _float(value: Any, default: float) -> float:
-    """``value`` as finite float seconds, else ``default`` (foreign envelopes lie)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        with contextlib.suppress(OverflowError):
-            number = float(value)
-            if math.isfinite(number):
-                return number
-    return default
+                self._callback_failed(event)

@@ -21,36 +21,22 @@ retained event, after a comment saying so. An entry that is not a valid flexisyn
 event (foreign bytes) is passed over with an ``id:``-only frame, so the browser's
 resume point moves past it. Give ``stop`` (a ``threading.Event`` set when the server
 shuts down) and the generator ends within about a second of it being set.
+
+For asyncio servers use :func:`flexisync.aio.sse.event_stream` (an async generator,
+no thread per client). The framing logic lives once in :mod:`flexisync._core.sse`.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Generator
 
-from flexisync._durations import Duration, seconds
-from flexisync._log import get_logger
-from flexisync.errors import ConfigError
+from flexisync._core.sse import HEARTBEAT, FrameSource, check_args, format_event
+from flexisync._durations import Duration
 from flexisync.events import Event
-from flexisync.streams import Stream, UnknownResumePoint, _Skipped, parse_id
+from flexisync.streams import Stream, iterate
 
 __all__ = ["HEARTBEAT", "event_stream", "format_event"]
-
-HEARTBEAT = ": keepalive\n\n"
-
-_log = get_logger("sse")
-
-
-def format_event(event: Event) -> str:
-    """One SSE frame for ``event`` (``id``, ``event`` and a single ``data`` line)."""
-    data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
-    if not data.isascii():
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in foreign JSON)
-            data = json.dumps(event.data, separators=(",", ":"))
-    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"
 
 
 def event_stream(stream: Stream, last_event_id: str | None = None, heartbeat: Duration = 15.0,
@@ -72,7 +58,7 @@ def event_stream(stream: Stream, last_event_id: str | None = None, heartbeat: Du
             about a second, so a graceful shutdown is not held up by open streams.
 
     Returns:
-        A generator of frames (``str``); close it to release its Redis connection.
+        A generator of frames (``str``); close it to leave the stream's reader.
 
     Raises:
         ConfigError: ``last_event_id`` is malformed (answer 400), ``heartbeat`` is not
@@ -81,37 +67,5 @@ def event_stream(stream: Stream, last_event_id: str | None = None, heartbeat: Du
         EventsTrimmed: (while iterating) events right after ``last_event_id`` were
             trimmed away; the client has to start over.
     """
-    after = parse_id(last_event_id, "last_event_id") if last_event_id else None
-    interval = seconds(heartbeat, "heartbeat")
-    if until is not None and not callable(until):
-        raise ConfigError(f"until must be callable, not {type(until).__name__}")
-    if stop is not None and not isinstance(stop, threading.Event):
-        raise ConfigError(f"stop must be a threading.Event, not {type(stop).__name__}")
-    return _frames(stream, after, interval, until, stop)
-
-
-def _frames(stream: Stream, after: str | None, heartbeat: float,
-            until: Callable[[Event], bool] | None,
-            stop: threading.Event | None) -> Generator[str, None, None]:
-    while True:
-        events = stream._follow(after, None, until, idle=heartbeat, stop=stop,
-                                skip_invalid=True)
-        try:
-            for item in events:
-                if item is None:
-                    yield HEARTBEAT
-                elif isinstance(item, _Skipped):
-                    _log.warning("sse.entry_skipped", stream=stream.name, id=item.id,
-                                 error=item.error.reason)
-                    yield f"id: {item.id}\n: skipped an entry that is not a valid event\n\n"
-                else:
-                    yield format_event(item)
-            return
-        except UnknownResumePoint as exc:
-            _log.warning("sse.unknown_resume_point", stream=stream.name, after=exc.after,
-                         newest=exc.newest)
-            yield (f": last_event_id {exc.after} is unknown to this stream; "
-                   "starting over from the oldest retained event\n\n")
-            after = None
-        finally:
-            events.close()
+    after, interval = check_args(last_event_id, heartbeat, until, stop, (threading.Event,))
+    return iterate(stream._ctx, FrameSource(stream._core, after, interval, until, stop))

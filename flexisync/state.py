@@ -18,70 +18,17 @@ list...) raise :class:`~flexisync.DecodeError` naming the key, never anything el
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterator
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-import redis.exceptions as rexc
-
-from flexisync._codec import dumps, loads
-from flexisync._durations import Duration, optional_seconds, to_ms
-from flexisync._keys import validate_name
-from flexisync.errors import BackendError, ConfigError, DecodeError, FlexiSyncError
-
-if TYPE_CHECKING:
-    from flexisync.coordinator import Coordinator
+from flexisync._core.plan import run
+from flexisync._core.state import StateShell
+from flexisync._durations import Duration
 
 __all__ = ["StateStore"]
 
-_MISSING = object()
-_SCAN_COUNT = 500
-_UPDATE_ATTEMPTS = 10_000
-_INT64 = 2**63
 
-
-def _wrong_type(key: str, kind: str) -> DecodeError:
-    return DecodeError(key, f"the key holds a Redis {kind}, not a value flexisync wrote")
-
-
-class _Foreign(str):
-    """What ``_get_or_type`` returns for a key of another Redis type: the type's name."""
-
-    __slots__ = ()
-
-
-def _get_or_type(rkey: str, client: Any) -> Any:
-    """GET ``rkey``; for a key of another type, its type name as a :class:`_Foreign`."""
-    try:
-        return client.get(rkey)
-    except rexc.ResponseError as exc:
-        if not str(exc).startswith("WRONGTYPE"):
-            raise
-        return _Foreign(_text(client.type(rkey)))
-
-
-def _mget(keys: list[str], client: Any) -> Any:
-    return client.mget(keys)
-
-
-def _types(keys: list[str], client: Any) -> list[str]:
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.type(key)
-    return [_text(kind) for kind in pipe.execute()]
-
-
-def _delete(keys: list[str], client: Any) -> Any:
-    return client.delete(*keys)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class StateStore:
+class StateStore(StateShell):
     """JSON values shared by every process, with optional expiry.
 
     Build it with ``coordinator.state(scope, ttl=...)``. Keys follow the name rule
@@ -92,30 +39,6 @@ class StateStore:
     reached within the retry budget, and :class:`~flexisync.BackendError` when Redis
     rejects a command.
     """
-
-    def __init__(self, coordinator: Coordinator, scope: str, *, ttl: float | None) -> None:
-        self._backend = coordinator._backend
-        self._keys = coordinator._keys
-        self.scope = scope
-        self.default_ttl = ttl
-        self._prefix = self._keys.prefix("state", scope)
-
-    def __repr__(self) -> str:
-        return f"<StateStore {self.scope!r} ttl={self.default_ttl}>"
-
-    def _key(self, key: object) -> str:
-        return self._prefix + validate_name(key, "state key")
-
-    @staticmethod
-    def _decode(key: str, raw: bytes | str) -> Any:
-        """A value read by ``_get_or_type``: JSON, or a :class:`_Foreign` type name."""
-        if isinstance(raw, _Foreign):
-            raise _wrong_type(key, raw)
-        return loads(raw, key)
-
-    def _ttl(self, ttl: Duration | None) -> float | None:
-        value = optional_seconds(ttl, "ttl")
-        return self.default_ttl if value is None else value
 
     # --- single values -------------------------------------------------------------
 
@@ -131,9 +54,7 @@ class StateStore:
                 levels (nothing is written).
             ConfigError: bad key, or ``ttl`` <= 0.
         """
-        rkey, raw, seconds = self._key(key), dumps(value), self._ttl(ttl)
-        px = to_ms(seconds) if seconds is not None else None
-        self._backend.call("state.set", lambda c: c.set(rkey, raw, px=px))
+        return run(self._ctx, self._core.set(key, value, ttl))
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` when missing or expired.
@@ -142,9 +63,7 @@ class StateStore:
             DecodeError: something else wrote the key: its bytes are not UTF-8 JSON,
                 nest deeper than 512 levels, or it holds another Redis type.
         """
-        rkey = self._key(key)
-        raw = self._backend.call("state.get", partial(_get_or_type, rkey))
-        return default if raw is None else self._decode(key, raw)
+        return run(self._ctx, self._core.get(key, default))
 
     def add(self, key: str, value: Any, *, ttl: Duration | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent; True when it was stored.
@@ -152,29 +71,22 @@ class StateStore:
         Raises:
             TypeError: ``value`` is not JSON-serializable (nothing is written).
         """
-        rkey, raw, seconds = self._key(key), dumps(value), self._ttl(ttl)
-        px = to_ms(seconds) if seconds is not None else None
-        done = self._backend.call("state.add", lambda c: c.set(rkey, raw, px=px, nx=True))
-        return bool(done)
+        return run(self._ctx, self._core.add(key, value, ttl))
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; True when it existed."""
-        rkey = self._key(key)
-        return bool(self._backend.call("state.delete", lambda c: c.delete(rkey)))
+        return run(self._ctx, self._core.delete(key))
 
     def ttl(self, key: str) -> float | None:
         """Seconds until ``key`` expires: ``math.inf`` if it never does, ``None`` if missing."""
-        rkey = self._key(key)
-        ms = int(self._backend.call("state.ttl", lambda c: c.pttl(rkey)))
-        if ms == -2:
-            return None
-        if ms == -1:
-            return math.inf
-        return ms / 1000.0
+        return run(self._ctx, self._core.ttl(key))
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is present (``key in store`` does the same)."""
+        return run(self._ctx, self._core.exists(key))
 
     def __contains__(self, key: object) -> bool:
-        rkey = self._key(key)
-        return bool(self._backend.call("state.exists", lambda c: c.exists(rkey)))
+        return run(self._ctx, self._core.exists(key))
 
     # --- atomic read-modify-write ------------------------------------------------------
 
@@ -200,30 +112,7 @@ class StateStore:
             DecodeError: the current value was written by something else (see
                 :meth:`get`); ``fn`` is not called and nothing is written.
         """
-        if not callable(fn):
-            raise ConfigError(f"fn must be callable, not {type(fn).__name__}")
-        rkey, seconds = self._key(key), self._ttl(ttl)
-        mode, ms = ("px", to_ms(seconds)) if seconds is not None else ("keep", 0)
-        script = self._backend.script("state_cas")
-        delay = 0.0005
-        for _ in range(_UPDATE_ATTEMPTS):
-            raw = self._backend.call("state.update", partial(_get_or_type, rkey))
-            current = default if raw is None else self._decode(key, raw)
-            new_raw = dumps(fn(current))
-            expected = ("0", "") if raw is None else ("1", raw)
-            written = self._backend.call(
-                "state.update",
-                lambda _c, e=expected, n=new_raw: script(  # type: ignore[misc]
-                    keys=[rkey], args=[e[0], e[1], n, mode, ms]),
-                idempotent=False,
-            )
-            if isinstance(written, (bytes, str)):  # "wrongtype": replaced since the GET
-                raise _wrong_type(key, "value of another type")
-            if written:
-                return loads(new_raw, key)
-            time.sleep(delay)  # back off a little under heavy contention
-            delay = min(delay * 2, 0.02)
-        raise FlexiSyncError(f"update of {key!r} lost the race {_UPDATE_ATTEMPTS} times")
+        return run(self._ctx, self._core.update(key, fn, default, ttl))
 
     def incr(self, key: str, amount: int = 1, *, ttl: Duration | None = None) -> int:
         """Atomically add ``amount`` to the integer under ``key`` (missing counts as 0).
@@ -243,34 +132,9 @@ class StateStore:
                 left unchanged and the message says which.
             DecodeError: another program put a non-string Redis type (a hash...) there.
         """
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise ConfigError(f"amount must be an int, not {type(amount).__name__}")
-        if not -_INT64 <= amount < _INT64:
-            raise ConfigError(f"amount must fit in 64 bits, got {amount}")
-        rkey, seconds = self._key(key), self._ttl(ttl)
-        ms = str(to_ms(seconds)) if seconds is not None else ""
-        outcome, value = self._backend.run_script("state.incr", "state_incr", [rkey],
-                                                  [amount, ms], idempotent=False)
-        outcome = _text(outcome)
-        if outcome == "ok":
-            return int(value)
-        if outcome == "wrongtype":
-            raise _wrong_type(key, _text(value))
-        if outcome == "overflow":
-            raise BackendError("state.incr", f"adding {amount} to {key!r} would leave the "
-                               "64-bit integer range; the value is unchanged")
-        raise BackendError("state.incr", f"the value of {key!r} is not an integer "
-                           "(incr needs a JSON integer within 64 bits); it is unchanged")
+        return run(self._ctx, self._core.incr(key, amount, ttl))
 
     # --- the whole scope ---------------------------------------------------------------
-
-    def _scan(self) -> Iterator[str]:
-        pattern = self._prefix + "*"
-
-        def scan_all(c: Any) -> list[str]:
-            return [_text(k) for k in c.scan_iter(match=pattern, count=_SCAN_COUNT)]
-
-        yield from self._backend.call("state.keys", scan_all)
 
     def keys(self) -> list[str]:
         """Every key currently in this scope (sorted), whoever wrote it.
@@ -279,8 +143,7 @@ class StateStore:
         flexisync can read: :meth:`items` and :meth:`get` raise
         :class:`~flexisync.DecodeError` naming it, and :meth:`clear` deletes it.
         """
-        cut = len(self._prefix)
-        return sorted(k[cut:] for k in self._scan())
+        return run(self._ctx, self._core.keys())
 
     def items(self) -> dict[str, Any]:
         """Every key and value currently stored in this scope.
@@ -293,29 +156,8 @@ class StateStore:
                 is not UTF-8 JSON within 512 levels, or it is a hash, a list...); the
                 error names the first such key in sorted order.
         """
-        rkeys = sorted(self._scan())
-        result: dict[str, Any] = {}
-        cut = len(self._prefix)
-        for start in range(0, len(rkeys), _SCAN_COUNT):
-            chunk = rkeys[start:start + _SCAN_COUNT]
-            raws: list[Any] = self._backend.call("state.items", partial(_mget, chunk))
-            missing = [rkey for rkey, raw in zip(chunk, raws, strict=True) if raw is None]
-            # MGET answers nil both for a key that expired since the SCAN and for a key
-            # of another type: ask which, rather than skip a foreign key silently.
-            kinds = dict(zip(missing, self._backend.call(
-                "state.items", partial(_types, missing)), strict=True)) if missing else {}
-            for rkey, raw in zip(chunk, raws, strict=True):
-                if raw is not None:
-                    result[rkey[cut:]] = loads(raw, rkey[cut:])
-                elif kinds[rkey] not in ("none", "string"):
-                    raise _wrong_type(rkey[cut:], kinds[rkey])
-        return result
+        return run(self._ctx, self._core.items())
 
     def clear(self) -> int:
         """Delete every key of this scope; returns how many were deleted."""
-        rkeys = list(self._scan())
-        deleted = 0
-        for start in range(0, len(rkeys), _SCAN_COUNT):
-            chunk = rkeys[start:start + _SCAN_COUNT]
-            deleted += int(self._backend.call("state.clear", partial(_delete, chunk)))
-        return deleted
+        return run(self._ctx, self._core.clear())

@@ -72,12 +72,12 @@ def proxy(own_server: EmbeddedRedis) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
-def aio(flexisync_url: str, namespace: str) -> Iterator[flexisync.aio.AsyncCoordinator]:
+def aio(flexisync_url: str, namespace: str) -> flexisync.aio.AsyncCoordinator:
     """An AsyncCoordinator on the test Redis under the test's namespace (for ``async def``
     tests; it is closed inside the test's event loop)."""
     coordinator = flexisync.aio.connect(flexisync_url, namespace=namespace)
     _closers.append(coordinator.aclose)
-    yield coordinator
+    return coordinator
 
 
 _closers: list[Any] = []

@@ -54,11 +54,10 @@ def handoff_waiter_worker(url: str, namespace: str, name: str, ready: Any,
         attempts = 0
         original = lock._attempt
 
-        def counting(token: str, waiting: bool,
-                     deadline: float | None = None) -> tuple[bool, int]:
+        def counting(token: str, waiting: bool, deadline: float | None = None) -> Any:
             nonlocal attempts
             attempts += 1
-            result = original(token, waiting, deadline)
+            result = yield from original(token, waiting, deadline)
             if not result[0] and attempts == 2:
                 ready.set()  # subscribed, final attempt failed: now asleep
             return result

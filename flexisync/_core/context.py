@@ -227,15 +227,6 @@ class Context:
                 self.log.exception("coordinator.fork_hook_failed")
 
 
-# TRANSITIONAL (removed once every primitive uses the public names above).
-Context._backend = property(lambda self: self.backend)  # type: ignore[attr-defined]
-Context._keys = property(lambda self: self.keys)  # type: ignore[attr-defined]
-Context._listener = property(lambda self: self.listener)  # type: ignore[attr-defined]
-Context._extension = Context.extension  # type: ignore[attr-defined]
-Context._on_fork = Context.on_fork  # type: ignore[attr-defined]
-Context._on_close = Context.on_close  # type: ignore[attr-defined]
-
-
 def shared(identity: Any, build: Callable[[], Context]) -> Context:
     """The live Context for ``identity`` (built by ``build`` when there is none), with
     one more reference taken. ``identity=None`` never shares."""
@@ -244,11 +235,11 @@ def shared(identity: Any, build: Callable[[], Context]) -> Context:
             ctx = build()
             ctx.acquire()
             return ctx
-        ctx = _registry.get(identity)
-        if ctx is None or ctx.closed:
-            ctx = _registry[identity] = build()
-        ctx.acquire()
-    return ctx
+        found = _registry.get(identity)
+        if found is None or found.closed:
+            found = _registry[identity] = build()
+        found.acquire()
+        return found
 
 
 def _after_fork_in_child() -> None:

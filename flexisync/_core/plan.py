@@ -30,6 +30,7 @@ it finishes even when the event loop is shutting down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -119,10 +120,10 @@ class Wait(Step):
     signal: Signal
     timeout: float | None
 
-    def run(self, ctx: Context) -> bool:
+    def run(self, ctx: Context) -> bool:  # noqa: ARG002
         return self.signal.wait(self.timeout)
 
-    async def arun(self, ctx: Context) -> bool:
+    async def arun(self, ctx: Context) -> bool:  # noqa: ARG002
         return await self.signal.wait_async(self.timeout)
 
 
@@ -132,11 +133,11 @@ class Sleep(Step):
 
     seconds: float
 
-    def run(self, ctx: Context) -> None:
+    def run(self, ctx: Context) -> None:  # noqa: ARG002
         if self.seconds > 0:
             time.sleep(self.seconds)
 
-    async def arun(self, ctx: Context) -> None:
+    async def arun(self, ctx: Context) -> None:  # noqa: ARG002
         await asyncio.sleep(max(self.seconds, 0.0))
 
 
@@ -167,8 +168,8 @@ class Subscribe(Step):
 
 def done(value: T) -> Plan[T]:
     """A plan that does no I/O and returns ``value``."""
+    yield from ()
     return value
-    yield  # pragma: no cover  (makes this a generator)
 
 
 def run(ctx: Context, plan: Plan[T]) -> T:
@@ -183,8 +184,13 @@ def run(ctx: Context, plan: Plan[T]) -> T:
         send, error = None, None
         try:
             send = step.run(ctx)
-        except Exception as exc:  # noqa: BLE001  (handed to the plan, which re-raises)
+        except Exception as exc:  # handed to the plan, which re-raises
             error = exc
+        except BaseException:  # KeyboardInterrupt, SystemExit: undo, as for a cancel
+            plan.close()
+            if step.undo is not None:
+                ctx.janitor(step.undo())
+            raise
 
 
 async def arun(ctx: Context, plan: Plan[T]) -> T:
@@ -197,14 +203,21 @@ async def arun(ctx: Context, plan: Plan[T]) -> T:
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         send, error = None, None
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        before = cancelling() if cancelling is not None else 0
         try:
             send = await step.arun(ctx)
+            if cancelling is not None and cancelling() > before:
+                # redis.asyncio can swallow a cancellation that lands while a command
+                # is being sent and return the reply: the task is still cancelled.
+                raise asyncio.CancelledError
         except asyncio.CancelledError:
             plan.close()
             if step.undo is not None:
                 ctx.janitor(step.undo())
             raise
-        except Exception as exc:  # noqa: BLE001  (handed to the plan, which re-raises)
+        except Exception as exc:  # handed to the plan, which re-raises
             error = exc
 
 
@@ -233,10 +246,9 @@ class Signal:
             self._cond.notify_all()
             futures, self._futures = self._futures, []
         for loop, future in futures:
-            try:
+            # A closed loop raises RuntimeError: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:  # that loop is closed: nobody waits there any more
-                pass
 
     def clear(self) -> None:
         """Clear the flag."""
@@ -249,11 +261,11 @@ class Signal:
             if self._flag:
                 return True
             if timeout is None:
-                while not self._flag:
+                while not self.is_set():
                     self._cond.wait()
                 return True
             end = time.monotonic() + timeout
-            while not self._flag:
+            while not self.is_set():
                 left = end - time.monotonic()
                 if left <= 0:
                     break
@@ -268,7 +280,7 @@ class Signal:
         future: asyncio.Future[None] = loop.create_future()
         entry = (loop, future)
         with self._cond:
-            if self._flag:
+            if self.is_set():
                 return True
             self._futures.append(entry)
         handle = None if timeout is None else loop.call_later(max(timeout, 0.0), _resolve,

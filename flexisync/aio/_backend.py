@@ -36,7 +36,7 @@ from flexisync.errors import BackendUnavailable, ConfigError
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
 else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
-    from async_timeout import timeout as _timeout
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["AsyncBackend", "async_client_factory"]
 
@@ -58,8 +58,7 @@ def _accepted(cls: type) -> frozenset[str]:
     return frozenset(names - {"self", "args", "kwargs"})
 
 
-def async_client_factory(client: Any, *, max_connections: int = 100,
-                         ) -> Callable[[], Any]:
+def async_client_factory(client: Any) -> Callable[[], Any]:
     """A function building a ``redis.asyncio`` client like the blocking ``client``.
 
     Raises:
@@ -83,10 +82,10 @@ def async_client_factory(client: Any, *, max_connections: int = 100,
     kwargs["retry"] = AsyncRetry(NoBackoff(), 0)  # retries happen in AsyncBackend.call
 
     def build() -> Any:
-        # A blocking pool waits for a free connection (within the call's deadline)
-        # instead of failing with MaxConnectionsError under a burst.
-        apool = redis.asyncio.BlockingConnectionPool(
-            connection_class=cls, max_connections=max_connections, timeout=None, **kwargs)
+        # The number of connections is bounded by AsyncBackend's per-loop semaphore (a
+        # burst waits for a free slot within its deadline, instead of failing with
+        # MaxConnectionsError); redis-py's BlockingConnectionPool would cost ~20 us a call.
+        apool = redis.asyncio.ConnectionPool(connection_class=cls, **kwargs)
         return redis.asyncio.Redis(connection_pool=apool)
 
     return build
@@ -96,12 +95,14 @@ class AsyncBackend:
     """``redis.asyncio`` clients (one per event loop) plus retries and deadlines."""
 
     def __init__(self, make_client: Callable[[], Any], *, address: str,
-                 retry: RetryPolicy) -> None:
+                 retry: RetryPolicy, max_connections: int = 100) -> None:
         self._make_client = make_client
+        self.max_connections = max_connections
         self.address = address
         self.retry = retry
         self.closed = False
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = \
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Any, asyncio.Semaphore]] = \
             weakref.WeakKeyDictionary()
         self._shas: dict[str, str] = {}
         self._pid = os.getpid()
@@ -109,12 +110,16 @@ class AsyncBackend:
 
     def client(self) -> Any:
         """The running event loop's client (built on first use in that loop)."""
+        return self._slot()[0]
+
+    def _slot(self) -> tuple[Any, asyncio.Semaphore]:
         if self._pid != os.getpid():
             self.after_fork()
         loop = asyncio.get_running_loop()
         found = self._clients.get(loop)
         if found is None:
-            found = self._clients[loop] = self._make_client()
+            found = self._clients[loop] = (self._make_client(),
+                                           asyncio.Semaphore(self.max_connections))
         return found
 
     async def call(self, operation: str, fn: Callable[[Any], Awaitable[T] | T], *,
@@ -131,12 +136,25 @@ class AsyncBackend:
         policy = self.retry if retry is None else retry
         start = time.monotonic()
         bound = call_bound(policy, start, deadline)
-        client = self.client()
+        client, slots = self._slot()
         attempts = 0
         while True:
             attempts += 1
             try:
-                return await self._attempt(fn, client, bound)
+                if slots.locked():  # every connection busy: wait for one, within the bound
+                    try:
+                        async with _timeout(max(bound - time.monotonic(), 0.0)):
+                            await slots.acquire()
+                    except TimeoutError:
+                        raise rexc.TimeoutError(
+                            f"no free connection within the call deadline "
+                            f"({self.max_connections} in use)") from None
+                else:
+                    await slots.acquire()
+                try:
+                    return await self._attempt(fn, client, bound)
+                finally:
+                    slots.release()
             except (rexc.RedisError, OSError) as exc:
                 failure: BaseException = exc
             pause = next_pause(policy, failure, attempts, idempotent=idempotent, bound=bound)
@@ -154,7 +172,7 @@ class AsyncBackend:
             async with _timeout(left):
                 result = fn(client)
                 if inspect.isawaitable(result):
-                    return await result  # type: ignore[no-any-return]
+                    return await result
                 return result
         except TimeoutError:
             raise rexc.TimeoutError(f"no reply within {left:.3f}s (call deadline)") from None
@@ -191,8 +209,9 @@ class AsyncBackend:
         self.closed = True
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
-            client = self._clients.pop(loop, None)
-            if client is not None:
+            slot = self._clients.pop(loop, None)
+            if slot is not None:
+                client = slot[0]
                 with contextlib.suppress(rexc.RedisError, OSError):
                     await client.aclose()
         self._clients = weakref.WeakKeyDictionary()

@@ -24,8 +24,8 @@ import structlog
 
 import flexisync
 from flexisync import cli, embedded
-from flexisync._cli_doctor import diagnose
 from flexisync.breaker import list_breakers
+from flexisync.cli._doctor import diagnose
 from flexisync.locks import list_locks
 from flexisync.streams import Stream
 from tests.helpers import wait_until

@@ -72,7 +72,7 @@ def test_a_callers_sooner_deadline_bounds_a_call_on_an_open_connection(
     policy's caps the socket wait of an already open connection, not only a new one."""
     with flexisync.connect(proxy.url(), namespace="bounds",
                            retry=flexisync.RetryPolicy(deadline=6.0)) as sync:
-        backend = sync._backend
+        backend = sync._ctx.backend
         backend.call("get", lambda c: c.get("k"))  # open and cap the connection at ~6 s
         proxy.stall()
         error, took = _timed(lambda: backend.call(

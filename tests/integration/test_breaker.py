@@ -45,7 +45,7 @@ def _raiser(exc: BaseException) -> Any:
 
 
 def key(sync: flexisync.Coordinator, name: str = "provider") -> str:
-    return sync._keys.key("breaker", name)
+    return sync._ctx.keys.key("breaker", name)
 
 
 # --- counting -------------------------------------------------------------------------
@@ -84,9 +84,9 @@ def test_successful_closed_call_makes_no_round_trip(sync: flexisync.Coordinator,
     breaker = sync.breaker("provider")
     assert breaker.state == "closed"
     calls = []
-    monkeypatch.setattr(sync._backend.client, "execute_command",
+    monkeypatch.setattr(sync._ctx.backend.client, "execute_command",
                         lambda *a, **_k: calls.append(a))
-    monkeypatch.setattr(sync._backend.client, "evalsha", lambda *a, **_k: calls.append(a))
+    monkeypatch.setattr(sync._ctx.backend.client, "evalsha", lambda *a, **_k: calls.append(a))
 
     @breaker
     def healthy(x: int) -> int:
@@ -345,10 +345,10 @@ def test_out_of_order_versions_are_ignored(sync: flexisync.Coordinator) -> None:
     breaker = sync.breaker("provider")
     breaker.trip(5)
     stats = breaker.stats()
-    epoch = breaker._epoch
-    breaker._on_message("", f"{epoch} {stats.version - 1} closed 0 0".encode(), None)
+    epoch = breaker._core._epoch
+    breaker._core._on_message("", f"{epoch} {stats.version - 1} closed 0 0".encode(), None)
     assert breaker.stats().state == "open"
-    breaker._on_message("", f"{epoch} {stats.version + 1} closed 0 0".encode(), None)
+    breaker._core._on_message("", f"{epoch} {stats.version + 1} closed 0 0".encode(), None)
     assert breaker.stats().state == "closed"
 
 

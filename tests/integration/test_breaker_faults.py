@@ -63,7 +63,7 @@ def test_local_mode_keeps_breaking_per_process_and_reconciles(
     assert _outage_warnings(logs) == 1
     client = redis.Redis.from_url(own_server.url, decode_responses=True)
     try:
-        assert client.hget(own_sync._keys.key("breaker", "provider"), "state") == "open"
+        assert client.hget(own_sync._ctx.keys.key("breaker", "provider"), "state") == "open"
     finally:
         client.close()
     assert breaker.state == "open"
@@ -132,7 +132,7 @@ def test_state_is_re_read_after_the_listener_reconnects(
     assert breaker.state == "closed"
     client = redis.Redis.from_url(own_server.url, decode_responses=True)
     try:
-        key = own_sync._keys.key("breaker", "provider")
+        key = own_sync._ctx.keys.key("breaker", "provider")
         version = int(client.hget(key, "version") or 0)
         client.hset(key, mapping={"state": "forced_open", "version": version + 3,
                                   "epoch": client.hget(key, "epoch") or "e"})

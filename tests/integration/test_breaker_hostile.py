@@ -11,8 +11,8 @@ import redis
 from structlog.testing import capture_logs
 
 import flexisync
-from flexisync._breaker_hub import hub_of
 from flexisync.breaker import MAX_DURATION
+from flexisync.breaker._hub import hub_of
 from tests.helpers import wait_until
 
 WEEK_MS = 7 * 24 * 3600 * 1000
@@ -33,7 +33,7 @@ def fail() -> None:
 
 
 def keys(sync: flexisync.Coordinator, name: str = "provider") -> tuple[str, str, str]:
-    k = sync._keys
+    k = sync._ctx.keys
     return (k.key("breaker", name), k.key("breaker", name, "window"),
             k.key("breaker", name, "probes"))
 
@@ -158,7 +158,7 @@ def test_every_script_checks_all_arguments_before_its_first_write(
     breaker.trip(0.001)
     before = dump(raw, *keys(sync))
     with pytest.raises(flexisync.BackendError):
-        hub_of(sync).run(script, list(keys(sync)), [breaker._channel, *args])
+        hub_of(sync).run(script, list(keys(sync)), [breaker._core._channel, *args])
     assert dump(raw, *keys(sync)) == before
 
 
@@ -290,11 +290,11 @@ def test_garbage_on_the_channel_never_crashes_the_mirror(
     on following real transitions."""
     breaker = sync.breaker("provider")
     assert breaker.state == "closed"
-    listener = sync._listener
+    listener = sync._ctx.listener
     errors = listener.handler_errors
     with capture_logs() as logs:
         for payload in GARBAGE:
-            raw.publish(breaker._channel, payload)
+            raw.publish(breaker._core._channel, payload)
         with flexisync.connect(sync.url, namespace=sync.namespace) as other:
             other.breaker("provider").trip(30)
         wait_until(lambda: breaker.stats().state == "open", message="trip mirrored")
@@ -312,7 +312,7 @@ def test_a_forged_snapshot_cannot_wedge_the_mirror(sync: flexisync.Coordinator,
     breaker.reset()
     assert breaker.state == "closed"
     epoch = raw.hget(keys(sync)[0], "epoch")
-    raw.publish(breaker._channel, f"{epoch} 999999999 forced_open -1 0")
+    raw.publish(breaker._core._channel, f"{epoch} 999999999 forced_open -1 0")
     wait_until(lambda: breaker.stats().state == "forced_open", message="forged message")
     wait_until(lambda: breaker.stats().state == "closed", timeout=5,
                message="mirror back on the record")

@@ -17,15 +17,17 @@ import pytest
 from structlog.testing import capture_logs
 
 import flexisync
-from flexisync._breaker_hub import RECENT, hub_of
 from flexisync.breaker import breaker_info, list_breakers
+from flexisync.breaker._hub import RECENT, hub_of
 from tests.helpers import wait_until
 
 
 @pytest.fixture
 def peer(sync: flexisync.Coordinator, flexisync_url: str) -> Iterator[flexisync.Coordinator]:
-    """A second Coordinator on the same namespace: another 'process' of the fleet."""
-    with flexisync.connect(flexisync_url, namespace=sync.namespace) as coordinator:
+    """A second Coordinator on the same namespace: another 'process' of the fleet (its
+    own client name, so it does not share the test's Context, mirrors and hub)."""
+    with flexisync.connect(flexisync_url, namespace=sync.namespace,
+                           client_name="breaker-peer") as coordinator:
         yield coordinator
 
 
@@ -34,7 +36,7 @@ def test_breakers_nobody_holds_are_released(sync: flexisync.Coordinator) -> None
     and dropped, leave the hub's tables and the listener's subscriptions bounded by the
     small keep-alive of recently asked-for breakers (they used to keep all 10,300)."""
     hub = hub_of(sync)
-    listener = sync._listener
+    listener = sync._ctx.listener
     for i in range(10_000):
         sync.breaker(f"dropped-{i}")
     states = {sync.breaker(f"used-{i}").state for i in range(300)}
@@ -74,7 +76,7 @@ def test_reading_breakers_creates_nothing(sync: flexisync.Coordinator,
     assert breaker_info(sync, "alpha").trips == 1
     assert breaker_info(sync, "never-used").state == "closed"
     assert len(hub.instances) == 0
-    listener = sync._listener_obj
+    listener = sync._ctx.listener_if_started
     assert listener is None or not listener._handlers
 
 

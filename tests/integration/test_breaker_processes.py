@@ -52,7 +52,7 @@ def test_eight_workers_hammering_open_the_breaker_exactly_once(
     assert all(retry is not None for _, _, retry in results), \
         f"a worker never saw the breaker open: {results}"
     assert all(0 < retry <= 60 for _, _, retry in results)
-    assert raw.hget(sync._keys.key("breaker", "provider"), "trips") == "1"
+    assert raw.hget(sync._ctx.keys.key("breaker", "provider"), "trips") == "1"
     wait_until(lambda: opened == ["open"], timeout=10, message="one 'open' transition")
     # Each worker made at most a few calls that ran after the threshold was crossed
     # (calls in flight when it opened); none kept calling the dead provider.

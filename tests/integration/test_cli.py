@@ -17,7 +17,7 @@ import structlog
 
 import flexisync
 from flexisync import cli, embedded
-from flexisync._cli_doctor import Check, diagnose
+from flexisync.cli._doctor import Check, diagnose
 from tests.helpers import wait_until
 
 FLEXISYNC = str(Path(sys.executable).parent / "flexisync")

@@ -99,7 +99,7 @@ def test_listener_subscribe_returns_only_when_confirmed(sync: flexisync.Coordina
     """A PUBLISH right after subscribe() returns reaches the handler; no sleep needed."""
     got: list[bytes] = []
     channel = f"{sync.namespace}:chan"
-    sync._listener.subscribe(channel, lambda _c, data, _p: got.append(data))
+    sync._ctx.listener.subscribe(channel, lambda _c, data, _p: got.append(data))
     assert raw.publish(channel, "first") == 1
     wait_until(lambda: got, message="delivery")
     assert got == [b"first"]
@@ -109,8 +109,8 @@ def test_listener_uses_one_thread_and_one_connection(sync: flexisync.Coordinator
                                                      raw: redis.Redis) -> None:
     """Many subscriptions share one named daemon thread and one pub/sub client."""
     for i in range(5):
-        sync._listener.subscribe(f"{sync.namespace}:c{i}", lambda *_: None)
-    sync._listener.psubscribe(f"{sync.namespace}:p*", lambda *_: None)
+        sync._ctx.listener.subscribe(f"{sync.namespace}:c{i}", lambda *_: None)
+    sync._ctx.listener.psubscribe(f"{sync.namespace}:p*", lambda *_: None)
     threads = [t for t in threading.enumerate() if t.name == "flexisync-listener"]
     assert len(threads) == 1
     assert threads[0].daemon
@@ -127,19 +127,19 @@ def test_raising_handler_does_not_stop_delivery(sync: flexisync.Coordinator,
     def boom(*_: object) -> None:
         raise RuntimeError("handler bug")
 
-    sync._listener.subscribe(channel, boom)
-    sync._listener.subscribe(channel, lambda _c, d, _p: got.append(d))
+    sync._ctx.listener.subscribe(channel, boom)
+    sync._ctx.listener.subscribe(channel, lambda _c, d, _p: got.append(d))
     raw.publish(channel, "1")
     raw.publish(channel, "2")
     wait_until(lambda: len(got) == 2, message="both messages")
-    assert sync._listener.handler_errors == 2
+    assert sync._ctx.listener.handler_errors == 2
 
 
 def test_listener_reconnects_and_resubscribes_after_server_restart(
         own_server: EmbeddedRedis) -> None:
     """Killing and restarting the server: subscriptions resume, hooks run, no user action."""
     with flexisync.connect(own_server.url, namespace="r") as sync:
-        listener = sync._listener
+        listener = sync._ctx.listener
         listener.ping_interval = 0.2
         got: list[bytes] = []
         hooked = threading.Event()
@@ -160,7 +160,7 @@ def test_listener_reconnects_and_resubscribes_after_server_restart(
 def test_listener_detects_a_paused_server_by_ping_deadline(own_server: EmbeddedRedis) -> None:
     """SIGSTOP (a half-open socket) is noticed by the PING deadline, then recovered."""
     with flexisync.connect(own_server.url, namespace="p") as sync:
-        listener = sync._listener
+        listener = sync._ctx.listener
         listener.ping_interval = 0.1
         listener.ping_timeout = 0.3
         hooked = threading.Event()
@@ -178,8 +178,8 @@ def test_listener_detects_a_paused_server_by_ping_deadline(own_server: EmbeddedR
 def test_close_stops_the_listener_thread(flexisync_url: str, namespace: str) -> None:
     """close() joins the listener thread."""
     sync = flexisync.connect(flexisync_url, namespace=namespace)
-    sync._listener.subscribe(f"{namespace}:c", lambda *_: None)
-    thread = sync._listener._thread
+    sync._ctx.listener.subscribe(f"{namespace}:c", lambda *_: None)
+    thread = sync._ctx.listener._thread
     assert thread is not None
     assert thread.is_alive()
     sync.close()

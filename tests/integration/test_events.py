@@ -112,7 +112,7 @@ def test_callback_runs_on_a_dispatcher_thread_not_the_listener(
     assert done.wait(5)
     assert threads[0].name == "flexisync-events:cb"
     assert threads[0].daemon
-    assert threads[0] is not sync._listener._thread
+    assert threads[0] is not sync._ctx.listener._thread
 
 
 def test_one_listener_connection_serves_every_subscription(sync: flexisync.Coordinator,
@@ -407,7 +407,7 @@ def test_subscribe_rejects_bad_max_bytes(sync: flexisync.Coordinator,
 
 def _listener_entries(sync: flexisync.Coordinator) -> int:
     """Entries in every table the listener holds (dicts, lists, sets, deques)."""
-    return sum(len(value) for value in vars(sync._listener).values()
+    return sum(len(value) for value in vars(sync._ctx.listener).values()
                if isinstance(value, (dict, list, set, collections.deque)))
 
 
@@ -428,7 +428,7 @@ def test_listener_tables_return_to_their_size_after_subscribe_close_cycles(
     assert keep.get(timeout=5) is not None
     # With nothing subscribed, PINGs get plain replies; they are accounted for too.
     keep.close()
-    listener = sync._listener
+    listener = sync._ctx.listener
     sent, listener.ping_interval = listener._sent, 0.01
     wait_until(lambda: listener._sent >= sent + 3 and not listener._pending,
                message="idle PINGs answered")
@@ -463,7 +463,7 @@ def test_refused_channel_raises_noperm_and_the_listener_keeps_serving(
     server, _admin = acl_server
     with _limited(server) as sync:
         healthy = sync.events.subscribe("ok.1")
-        generation = sync._listener.generation
+        generation = sync._ctx.listener.generation
         with capture_logs() as logs:
             started = time.monotonic()
             with pytest.raises(flexisync.BackendError, match="NOPERM"):
@@ -478,7 +478,7 @@ def test_refused_channel_raises_noperm_and_the_listener_keeps_serving(
             assert also.get(timeout=5) is not None
         assert event is not None
         assert event.data == "still here"
-        assert sync._listener.generation == generation, "the listener reconnected"
+        assert sync._ctx.listener.generation == generation, "the listener reconnected"
         assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
         assert healthy.stats.gaps == 0
 
@@ -494,7 +494,7 @@ def test_channel_refused_after_a_reconnect_does_not_stop_hooks_or_hide_gaps(
         doomed = sync.events.subscribe("ok.doomed")
         hooks = threading.Event()
         sync.events.on_reconnect(hooks.set)
-        generation = sync._listener.generation
+        generation = sync._ctx.listener.generation
         with capture_logs() as logs:
             admin.execute_command("ACL", "SETUSER", "limited", "resetchannels",
                                   "&acl:events:ok.1")
@@ -504,7 +504,7 @@ def test_channel_refused_after_a_reconnect_does_not_stop_hooks_or_hide_gaps(
             event = healthy.get(timeout=5)
         assert event is not None
         assert event.data == "after"
-        assert sync._listener.generation == generation + 1, "one reconnect, not a loop"
+        assert sync._ctx.listener.generation == generation + 1, "one reconnect, not a loop"
         refusals = [e for e in logs if e["event"] == "events.subscribe_refused"]
         assert len(refusals) == 1
         assert "NOPERM" in refusals[0]["error"]
@@ -547,7 +547,7 @@ def test_subscribe_under_a_stalled_server_raises_within_its_timeout(
     assert time.monotonic() - started < 0.5 + 1.5
     started = time.monotonic()
     sub.close()  # Redis never confirms the UNSUBSCRIBE: bounded by the ping timeout
-    assert time.monotonic() - started < sync._listener.ping_timeout + 1.5
+    assert time.monotonic() - started < sync._ctx.listener.ping_timeout + 1.5
 
 
 def test_publish_under_a_stalled_server_is_bounded_by_the_deadline(

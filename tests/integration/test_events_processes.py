@@ -105,7 +105,7 @@ def test_subscriptions_resume_after_the_server_is_killed_and_restarted(
     hooked = threading.Event()
     with flexisync.connect(own_server.url, namespace="rc") as sync, \
             flexisync.connect(own_server.url, namespace="rc") as publisher:
-        sync._listener.ping_interval = 0.2
+        sync._ctx.listener.ping_interval = 0.2
         sync.events.on_reconnect(hooked.set)
         pulled = sync.events.subscribe("news")
         sync.events.subscribe("news", lambda e: got.append(e.data))

@@ -142,14 +142,14 @@ def test_items_skips_only_keys_that_expire_between_scan_and_read(
     store.set("stays", 1)
     store.set("goes", 2)
     raw.hset(state_key(sync, "s", "hash"), "f", "v")
-    real_scan = store._scan
+    real_scan = store._core._scan
 
-    def scan_then_expire() -> Any:
-        found = list(real_scan())
+    def scan_then_expire(operation: str) -> Any:
+        found = yield from real_scan(operation)
         raw.delete(state_key(sync, "s", "goes"))
-        return iter(found)
+        return found
 
-    store._scan = scan_then_expire  # type: ignore[method-assign]
+    store._core._scan = scan_then_expire  # type: ignore[method-assign]
     with pytest.raises(flexisync.DecodeError, match="'hash'"):
         store.items()
     raw.delete(state_key(sync, "s", "hash"))
@@ -217,7 +217,7 @@ def test_foreign_messages_are_counted_invalid_and_delivery_goes_on(
     stats = sub.stats
     assert stats.invalid == len(hostile)
     assert stats.received == stats.delivered + stats.invalid + stats.dropped + stats.queued
-    assert sync._listener.handler_errors == 0
+    assert sync._ctx.listener.handler_errors == 0
     assert not [entry for entry in logs if entry["log_level"] in ("error", "critical")]
 
 

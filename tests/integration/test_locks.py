@@ -25,7 +25,7 @@ def _dead_url() -> str:
 
 
 def _lease_key(sync: flexisync.Coordinator, name: str) -> str:
-    return sync._keys.key("lock", name)
+    return sync._ctx.keys.key("lock", name)
 
 
 # --- the basic contract ------------------------------------------------------------------
@@ -77,14 +77,16 @@ def test_fencing_tokens_strictly_increase_across_objects_and_expiry(
 def test_acquire_script_is_idempotent_for_the_same_owner(sync: flexisync.Coordinator) -> None:
     """A retried acquire (same token, first reply lost) gets its own fence back, no new one."""
     lock = sync.lock("retry", ttl=5.0)
-    keys = lock._acquire_keys
+    backend = sync._ctx.backend
     args = ["tok:host:1", 5000, 60_000]
-    first = sync._backend.run_script("t", "lock_acquire", keys, args)
-    again = sync._backend.run_script("t", "lock_acquire", keys, args)
+    keys = lock._acquire_keys("tok:host:1")
+    first = backend.run_script("t", "lock_acquire", keys, args)
+    again = backend.run_script("t", "lock_acquire", keys, args)
     assert int(first[0]) == 1
     assert [int(x) for x in again] == [int(x) for x in first]
     assert int(first[1]) == _fence_counter(sync, "retry")
-    other = sync._backend.run_script("t", "lock_acquire", keys, ["x:h:2", 5000, 60_000])
+    other = backend.run_script("t", "lock_acquire", lock._acquire_keys("x:h:2"),
+                               ["x:h:2", 5000, 60_000])
     assert int(other[0]) == 0
     assert 0 < int(other[1]) <= 5000
 
@@ -116,7 +118,7 @@ def test_acquire_is_not_reentrant(sync: flexisync.Coordinator) -> None:
 
 def _fence_counter(sync: flexisync.Coordinator, name: str) -> int:
     """The current value of the lock's fencing counter."""
-    return int(sync.client.get(sync._keys.key("lock", name, "fence")))
+    return int(sync.client.get(sync._ctx.keys.key("lock", name, "fence")))
 
 
 def test_waiter_thread_is_woken_by_release(sync: flexisync.Coordinator) -> None:
@@ -128,9 +130,8 @@ def test_waiter_thread_is_woken_by_release(sync: flexisync.Coordinator) -> None:
     attempts: list[bool] = []
     original = waiter._attempt
 
-    def counting(token: str, waiting: bool,
-                 deadline: float | None = None) -> tuple[bool, int]:
-        result = original(token, waiting, deadline)
+    def counting(token: str, waiting: bool, deadline: float | None = None) -> Any:
+        result = yield from original(token, waiting, deadline)
         attempts.append(result[0])
         if len(attempts) == 2:
             asleep.set()  # subscribed and the final attempt failed: it sleeps next
@@ -427,7 +428,7 @@ def test_waiter_gets_the_lock_after_a_server_restart(own_server: EmbeddedRedis) 
         waiter = sync.lock("restart", ttl=5)
         thread = threading.Thread(target=lambda: result.append(waiter.acquire(timeout=30)))
         thread.start()
-        wait_until(lambda: sync._listener.connected, message="listener up")
+        wait_until(lambda: sync._ctx.listener.connected, message="listener up")
         own_server.kill()
         own_server.restart()
         thread.join(30)
@@ -473,16 +474,16 @@ def test_close_that_lands_while_a_waiter_subscribes_still_ends_the_wait(
     """close() pokes waiters before it closes the backend; a waiter whose wake-up
     subscription was confirmed just as the poke landed must still end at once, not
     sleep until its next re-check (seconds later)."""
-    from flexisync.locks import _runtime
+    from flexisync._core.locks import runtime as lock_runtime
 
     with flexisync.connect(flexisync_url, namespace=namespace) as sync:
         holder = sync.lock("closing-race", ttl=60)
         assert holder.acquire()
-        runtime = _runtime(sync)
+        runtime = lock_runtime(sync._ctx)
         real_join = runtime.join
 
-        def join_then_close(name: str, deadline: float | None) -> object:
-            wakeups = real_join(name, deadline)
+        def join_then_close() -> object:
+            wakeups = real_join()
             runtime.close()  # the close hook runs (stop + poke) before the wait begins
             return wakeups
 
@@ -498,9 +499,9 @@ def test_close_that_lands_while_a_waiter_subscribes_still_ends_the_wait(
 
 def _waits(sync: flexisync.Coordinator) -> int:
     """How many acquire() calls of this Coordinator are waiting for a wake-up now."""
-    from flexisync.locks import _runtime
+    from flexisync._core.locks import runtime
 
-    return len(_runtime(sync).waits)
+    return len(runtime(sync._ctx).waits)
 
 
 # --- fair mode in one process ---------------------------------------------------------
@@ -512,7 +513,7 @@ def test_fair_lock_is_not_taken_past_a_queued_waiter(sync: flexisync.Coordinator
     a waiter that times out leaves the queue."""
     holder = sync.lock("fq", ttl=30, fair=True)
     assert holder.acquire()
-    queue_key = sync._keys.key("lock", "fq", "queue")
+    queue_key = sync._ctx.keys.key("lock", "fq", "queue")
     queued = sync.lock("fq", ttl=30, fair=True)
     result: list[bool] = []
     thread = threading.Thread(target=lambda: result.append(queued.acquire(timeout=30)))
@@ -580,7 +581,7 @@ def test_renewal_that_meets_its_own_release_is_not_a_loss(
     flight and one that starts then, finds the lease released, not lost: no on_lost."""
     calls: list[flexisync.Lock] = []
     lock = sync.lock("race", ttl=30, auto_renew=True, on_lost=calls.append)
-    backend = sync._backend
+    backend = sync._ctx.backend
     original = backend.call
 
     def release_then_renew(operation: str, fn: Any, **kwargs: Any) -> Any:
@@ -617,7 +618,7 @@ def test_auto_renew_reports_no_loss_over_many_releases_and_one_real_loss_once(
     calls: list[flexisync.Lock] = []
     lock = sync.lock("churn", ttl=0.5, auto_renew=True, on_lost=calls.append)
     runtime = lock._runtime
-    backend = sync._backend
+    backend = sync._ctx.backend
     original_call = backend.call
     original_renew = lock._renew
     renewals = [0]
@@ -673,14 +674,14 @@ def test_wait_subscriptions_end_when_no_local_waiter_remains(
         thread = threading.Thread(
             target=lambda w=waiter, r=result: r.append(w.acquire(timeout=10)))
         thread.start()
-        channel = sync._keys.channel("lock", name)
+        channel = sync._ctx.keys.channel("lock", name)
         wait_until(lambda c=channel: raw.pubsub_numsub(c)[0][1] == 1, message="waiting")
         holder.release()
         thread.join(10)
         assert result == [True]
         waiter.release()
-    channels = [sync._keys.channel("lock", name) for name in names]
-    assert not [key for key in sync._listener._handlers if key[1] in channels]
+    channels = [sync._ctx.keys.channel("lock", name) for name in names]
+    assert not [key for key in sync._ctx.listener._handlers if key[1] in channels]
 
     def unsubscribed() -> bool:
         return all(count == 0 for _, count in raw.pubsub_numsub(*channels))
@@ -693,7 +694,7 @@ def test_fence_key_expires_when_idle_and_tokens_still_increase(
     """The fencing counter carries a TTL refreshed by every acquire, and a token issued
     after the counter is gone (expired, or lost with the server's data) is still larger
     than every earlier one."""
-    fence_key = sync._keys.key("lock", "idle", "fence")
+    fence_key = sync._ctx.keys.key("lock", "idle", "fence")
     lock = sync.lock("idle", ttl=5)
     assert lock.acquire()
     first = lock.fencing_token

@@ -47,14 +47,14 @@ class _LostReply:
 
 def _lose_replies(sync: flexisync.Coordinator, script: str, lose: int,
                   between: Callable[[], Any] = lambda: None) -> _LostReply:
-    backend = sync._backend
+    backend = sync._ctx.backend
     fake = _LostReply(backend.script(script), lose, between)
     backend._scripts[script] = fake
     return fake
 
 
 def _restore(sync: flexisync.Coordinator, script: str) -> None:
-    backend = sync._backend
+    backend = sync._ctx.backend
     fake = backend._scripts[script]
     backend._scripts[script] = fake.real
 
@@ -102,7 +102,7 @@ def test_acquire_whose_replies_are_lost_leaves_no_lease(
             lock.acquire(blocking=False)
         assert fake.calls >= 1
         assert lock.fencing_token is None
-        assert raw.exists(sync._keys.key("lock", "orphan")) == 0, "an orphaned lease is left"
+        assert raw.exists(sync._ctx.keys.key("lock", "orphan")) == 0, "an orphaned lease is left"
         _restore(sync, "lock_acquire")
         other = sync.lock("orphan", ttl=30, fair=fair)
         assert other.acquire(blocking=False)
@@ -121,7 +121,7 @@ def test_fair_waiter_whose_reply_is_lost_leaves_the_queue(
         with pytest.raises(flexisync.BackendUnavailable):
             waiter.acquire(timeout=5)
         _restore(sync, "lock_acquire")
-        assert raw.zcard(sync._keys.key("lock", "orphan-q", "queue")) == 0
+        assert raw.zcard(sync._ctx.keys.key("lock", "orphan-q", "queue")) == 0
         holder.release()
 
 
@@ -131,7 +131,7 @@ def test_acquire_is_all_or_nothing_when_the_fence_counter_holds_foreign_data(
         sync: flexisync.Coordinator, raw: redis.Redis, foreign: str, fair: bool) -> None:
     """A fencing counter another program overwrote makes acquire raise BackendError
     and set no lease (the script used to fail after SET, leaving an orphan)."""
-    fence = sync._keys.key("lock", "foreign", "fence")
+    fence = sync._ctx.keys.key("lock", "foreign", "fence")
     if foreign == "text":
         raw.set(fence, "not a number")
     elif foreign == "huge":
@@ -141,7 +141,7 @@ def test_acquire_is_all_or_nothing_when_the_fence_counter_holds_foreign_data(
     lock = sync.lock("foreign", ttl=30, fair=fair)
     with pytest.raises(flexisync.BackendError):
         lock.acquire(blocking=False)
-    assert raw.exists(sync._keys.key("lock", "foreign")) == 0, "an orphaned lease is left"
+    assert raw.exists(sync._ctx.keys.key("lock", "foreign")) == 0, "an orphaned lease is left"
     assert lock.fencing_token is None
     raw.delete(fence)
     assert lock.acquire(blocking=False)
@@ -214,7 +214,7 @@ def test_waiting_acquire_timeout_bounds_the_call_when_the_server_stalls_meanwhil
 
         thread = threading.Thread(target=wait)
         thread.start()
-        channel = sync._keys.channel("lock", "stall-wait")
+        channel = sync._ctx.keys.channel("lock", "stall-wait")
         deadline = time.monotonic() + 5
         while direct.pubsub_numsub(channel)[0][1] == 0 and time.monotonic() < deadline:
             time.sleep(0.005)  # polling until the waiter has subscribed

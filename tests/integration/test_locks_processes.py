@@ -123,7 +123,7 @@ def test_fair_lock_serves_waiting_processes_in_arrival_order(
     """4 processes queue one after another behind a holder; they get the lock in order."""
     holder = sync.lock("fair", ttl=30, fair=True)
     assert holder.acquire()
-    queue_key = sync._keys.key("lock", "fair", "queue")
+    queue_key = sync._ctx.keys.key("lock", "fair", "queue")
     order_key = f"{sync.namespace}:order"
     waiters = []
     for index in range(4):
@@ -146,7 +146,7 @@ def test_dead_fair_waiter_leaves_the_queue(
     ctx = multiprocessing.get_context("fork")
     holder = sync.lock("fair", ttl=30, fair=True)
     assert holder.acquire()
-    queue_key = sync._keys.key("lock", "fair", "queue")
+    queue_key = sync._ctx.keys.key("lock", "fair", "queue")
     order_key = f"{sync.namespace}:order"
     doomed = ctx.Process(target=fair_waiter_worker,
                          args=(flexisync_url, sync.namespace, 0, order_key))
@@ -180,7 +180,7 @@ def test_forked_child_holds_nothing_and_runs_no_inherited_watchdog(
     assert report["watchdogs"] == []
     assert "fork" in report["release"]
     assert report["child_acquired"] is True
-    assert report["child_fence"] == int(raw.get(sync._keys.key("lock", "child-lock", "fence")))
+    assert report["child_fence"] == int(raw.get(sync._ctx.keys.key("lock", "child-lock", "fence")))
     assert lock.owned()  # the parent's lease survived the child
     assert not lock.lost
     lock.release()

@@ -83,9 +83,9 @@ def test_fork_missed_by_at_fork_hooks_is_caught_by_the_pid_check(
     """
     store = sync.state("shared")
     store.set("k", 1)
-    assert sync.fork_generation == 0
-    sync._backend.pid = -1  # "this process is not the one that created the Coordinator"
+    assert sync._ctx.fork_generation == 0
+    sync._ctx.backend.pid = -1  # "this process is not the one that created the Coordinator"
     assert store.get("k") == 1
-    assert sync.fork_generation == 1  # the same reset as after an announced fork
+    assert sync._ctx.fork_generation == 1  # the same reset as after an announced fork
     assert store.get("k") == 1
-    assert sync.fork_generation == 1  # once per fork, not once per call
+    assert sync._ctx.fork_generation == 1  # once per fork, not once per call

@@ -9,6 +9,8 @@ import pytest
 import redis
 
 import flexisync
+from flexisync._core import followers
+from flexisync._core.followers import reader_of
 from flexisync.streams import Stream
 from tests.helpers import wait_until
 
@@ -303,23 +305,29 @@ def test_follow_stops_after_timeout_without_events(sync: flexisync.Coordinator) 
     assert time.monotonic() - started >= 0.3  # the thing under test is time
 
 
-def test_follow_releases_its_blocking_connection(sync: flexisync.Coordinator,
-                                                 raw: redis.Redis) -> None:
-    """Closing a follow() generator closes the connection it blocked on."""
+def test_follow_holds_no_connection_and_closing_it_leaves_the_reader(
+        sync: flexisync.Coordinator, raw: redis.Redis) -> None:
+    """A waiting follower holds no connection of its own (no XREAD BLOCK); closing the
+    generator frees its place at the stream's reader and the wake-up subscription."""
     stream = sync.stream("conns")
     stream.append(1)
-    before = len(raw.client_list())
     follower = stream.follow(timeout=30)
     assert next(follower).data == 1
-    thread = threading.Thread(target=lambda: next(follower, None))
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(next(follower).data))
     thread.start()
-    wait_until(lambda: any(c["cmd"] == "xread" for c in raw.client_list()),
-               message="follower blocked in XREAD")
-    stream.append(None, type="wake")
+    reader = reader_of(sync._ctx)
+    wait_until(lambda: reader.followers() == {"conns": 1}, message="follower registered")
+    assert not any(c["cmd"] == "xread" for c in raw.client_list())
+    stream.append(2)
     thread.join(10)
+    assert got == [2]
+    listener = sync._ctx.listener
+    assert listener.table_sizes()["handlers"] >= 1
     follower.close()
-    wait_until(lambda: len(raw.client_list()) <= before + 1,
-               message="the follower's connection closed")
+    assert reader.followers() == {}
+    wait_until(lambda: listener.table_sizes()["handlers"] == 0,
+               message="the wake-up channel unsubscribed")
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -353,7 +361,7 @@ def test_other_bad_arguments(sync: flexisync.Coordinator) -> None:
     with pytest.raises(flexisync.ConfigError):
         sync.stream("t", ttl=0)
     with pytest.raises(flexisync.ConfigError):
-        Stream(sync, "t", maxlen=None, ttl=-1.0)
+        Stream(sync._ctx, "t", maxlen=None, ttl=-1.0)
     stream = sync.stream("args")
     with pytest.raises(flexisync.ConfigError, match="count"):
         stream.read_after(count=0)
@@ -383,3 +391,42 @@ def test_works_with_a_user_client_that_decodes_responses(flexisync_url: str,
         assert next(follower).id == ids[-1]
         follower.close()
     client.close()
+
+
+# --- the shared reader ------------------------------------------------------------------
+
+
+def test_a_follower_that_falls_behind_rereads_from_redis_without_gap(
+        sync: flexisync.Coordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More entries waiting for a follower than the reader keeps for it: the follower
+    re-reads from Redis after its last event, so nothing is lost or repeated."""
+    monkeypatch.setattr(followers, "MEMBER_MAX", 5)
+    stream = sync.stream("behind", maxlen=None)
+    stream.append(0)
+    follower = stream.follow(timeout=30, until=lambda e: e.type == "done")
+    assert next(follower).data == 0
+    reader = reader_of(sync._ctx)
+    fetches = reader.fetches
+    for i in range(1, 40):
+        stream.append(i)
+    stream.append(None, type="done")
+    wait_until(lambda: reader.fetches > fetches and not reader._dirty,
+               message="the reader fetched the new entries")
+    assert [e.data for e in follower] == [*range(1, 40), None]
+
+
+def test_a_follower_behind_a_trim_raises_events_trimmed(
+        sync: flexisync.Coordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fallen behind both the reader's buffer and the stream's trimming: EventsTrimmed,
+    after every event it could still yield in order."""
+    monkeypatch.setattr(followers, "MEMBER_MAX", 5)
+    stream = sync.stream("trimmed-live", maxlen=10)
+    stream.append(0)
+    follower = stream.follow(timeout=30)
+    assert next(follower).data == 0
+    for i in range(1, 400):
+        stream.append(i)
+    with pytest.raises(flexisync.EventsTrimmed):
+        next(follower)
+    follower.close()
+    assert reader_of(sync._ctx).followers() == {}

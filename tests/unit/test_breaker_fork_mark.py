@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flexisync._breaker_hub import FORK_MARK, _PidMark
+from flexisync.breaker._hub import FORK_MARK, _PidMark
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")

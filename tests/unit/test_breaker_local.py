@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from flexisync._breaker_local import LocalBreaker
 from flexisync.breaker import BreakerPolicy
+from flexisync.breaker._local import LocalBreaker
 from flexisync.errors import CircuitOpenError
 from tests.helpers import wait_until
 

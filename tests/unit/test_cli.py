@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from flexisync import _demo, cli
-from flexisync._cli_common import format_seconds, print_table
+from flexisync import cli
+from flexisync.cli import _demo
+from flexisync.cli._common import format_seconds, print_table
 from tests.helpers import wait_until
 
 # Every leaf command, as the words that select it.

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from flexisync import _cli_doctor as doctor
+import flexisync
+from flexisync.cli import _doctor as doctor
 from flexisync.errors import BackendError
 
 
@@ -80,12 +81,12 @@ def test_commands_flexisync_sends_while_connecting_or_subscribing_are_granted(
 def test_a_transaction_in_the_code_requires_multi_and_exec_in_the_acl() -> None:
     """The ACL grants MULTI/EXEC exactly when some module opens a transactional
     pipeline (redis-py's default), so removing the last one, or adding one, is seen."""
-    package = Path(doctor.__file__).parent
+    package = Path(flexisync.__file__).parent
     transactional = [
-        f"{path.name}: {match}" for path in package.glob("*.py")
+        f"{path.name}: {match}" for path in package.rglob("*.py")
         for match in re.findall(r"\.pipeline\((?!transaction=False)[^)]*\)",
                                 path.read_text())
-        if path.name != "_cli_doctor.py"]
+        if path.name != "_doctor.py"]
     granted = {"multi", "exec"} <= set(doctor.COMMANDS)
     assert granted == bool(transactional), transactional or "no transaction in the code"
 
@@ -93,7 +94,7 @@ def test_a_transaction_in_the_code_requires_multi_and_exec_in_the_acl() -> None:
 def test_every_command_in_the_lua_scripts_is_granted() -> None:
     """Commands run inside Lua are checked against the ACL too: each one the scripts
     call is in the documented ACL."""
-    scripts = Path(doctor.__file__).parent / "_scripts"
+    scripts = Path(flexisync.__file__).parent / "_scripts"
     called = set()
     for script in scripts.glob("*.lua"):
         source = script.read_text()

@@ -2,7 +2,7 @@
 
 They read (and, for ``breaker``, ``state set|del`` and ``events publish``, change) the
 objects an application's workers share, through the same public API the workers use.
-Every one takes ``--json`` (see :mod:`flexisync._cli_common` for the rule).
+Every one takes ``--json`` (see :mod:`flexisync.cli._common` for the rule).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from flexisync._cli_common import (
+from flexisync._keys import validate_name, validate_pattern
+from flexisync.breaker import CircuitBreaker, list_breakers
+from flexisync.cli._common import (
     EXIT_OK,
     coordinator_for,
     format_seconds,
@@ -26,8 +28,6 @@ from flexisync._cli_common import (
     print_json_line,
     print_table,
 )
-from flexisync._keys import validate_name, validate_pattern
-from flexisync.breaker import CircuitBreaker, list_breakers
 from flexisync.coordinator import Coordinator
 from flexisync.locks import list_locks
 from flexisync.streams import parse_id
@@ -234,8 +234,8 @@ def _breaker_action(args: argparse.Namespace) -> int:
 
 def _breaker_exists(sync: Coordinator, name: str) -> bool:
     """Whether breaker ``name`` has shared state in Redis (reads; creates nothing)."""
-    key = sync._keys.key("breaker", validate_name(name, "breaker name"))
-    return bool(sync._backend.call("cli.breaker_exists", lambda c: c.exists(key)))
+    key = sync._ctx.keys.key("breaker", validate_name(name, "breaker name"))
+    return bool(sync._ctx.backend.call("cli.breaker_exists", lambda c: c.exists(key)))
 
 
 def _open_for(breaker: CircuitBreaker, seconds: float) -> None:
@@ -362,7 +362,7 @@ def _stream_read(args: argparse.Namespace) -> int:
         stream = sync.stream(args.name)
         if args.after is not None:
             parse_id(args.after, "--after")  # bad input (exit 2) before "not found" (1)
-        exists = _exists(sync, stream._key)
+        exists = _exists(sync, sync._ctx.keys.key("stream", args.name))
         if not args.follow:
             if not exists:
                 return not_found(f"no stream {args.name!r} in namespace "
@@ -387,7 +387,7 @@ def _stream_read(args: argparse.Namespace) -> int:
 
 
 def _exists(sync: Coordinator, key: str) -> bool:
-    return bool(sync._backend.call("cli.exists", lambda c: c.exists(key)))
+    return bool(sync._ctx.backend.call("cli.exists", lambda c: c.exists(key)))
 
 
 def _event_record(event: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""The background half of every :class:`~flexisync.CircuitBreaker` of one Coordinator.
+"""The background half of every breaker of one Context (sync and asyncio shells alike).
 
-One named daemon thread per Coordinator (``flexisync-breakers``), started on the first
-breaker use, stopped by ``Coordinator.close()`` and rebuilt lazily after ``fork()``:
+One named daemon thread per Context (``flexisync-breakers``), started on the first
+breaker use, stopped when the Context closes and rebuilt lazily after ``fork()``:
 
 * runs ``on_state_change`` callbacks, in order, off the listener thread;
 * every 100 ms flushes the successes each breaker aggregated on its hot path;
@@ -25,8 +25,9 @@ path reads it (about 20 ns), and a child that finds it zero resets every Coordin
 that owns breakers before it decides anything. Where the kernel cannot wipe a page,
 a pid comparison stands in (slower, same result).
 
-It also runs the breaker Lua scripts: each is ``breaker_lib.lua`` followed by the
-operation's own file, registered once per client and run by EVALSHA.
+It also holds the one mirror per breaker name and policy (:class:`BreakerCore`) that both
+shells use, and words the breaker Lua scripts as plan steps (:meth:`Hub.script`): each
+script is ``breaker_lib.lua`` followed by the operation's own file, run by EVALSHA.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flexisync._connection import RetryPolicy
+from flexisync._core.plan import Plan, Script, run
 from flexisync._log import get_logger
 from flexisync.errors import BackendError, BackendUnavailable
 
 if TYPE_CHECKING:
-    from flexisync.breaker import CircuitBreaker
-    from flexisync.coordinator import Coordinator
+    from flexisync._core.context import Context
+    from flexisync._core.plan import Step
+    from flexisync.breaker._core import BreakerCore
 
 __all__ = ["FLUSH_INTERVAL", "FORK_MARK", "RECENT", "RECHECK_INTERVAL", "Hub",
            "MalformedRecord", "detect_fork", "hub_of"]
@@ -111,28 +114,30 @@ def detect_fork() -> None:
     FORK_MARK[0] = 1
 
 
-def hub_of(coordinator: Coordinator) -> Hub:
-    """The one :class:`Hub` of ``coordinator`` (built on first use)."""
-    return coordinator._extension("breakers", Hub)
+def hub_of(owner: Any) -> Hub:
+    """The one :class:`Hub` of a Context, or of a (sync or asyncio) Coordinator's
+    Context (built on first use)."""
+    ctx: Context = getattr(owner, "_ctx", owner)
+    return ctx.extension("breakers", Hub)
 
 
 class Hub:
-    """Per-Coordinator breaker machinery. Internal; see the module docstring."""
+    """Per-Context breaker machinery. Internal; see the module docstring."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coordinator = coordinator
-        self._backend = coordinator._backend
-        self._log = get_logger("breaker", namespace=coordinator.namespace)
-        self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-        # One CircuitBreaker per (name, policy) while anyone holds it: see
-        # CircuitBreaker.__new__. ``_recent`` keeps the last few alive a while longer,
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._backend = ctx.backend
+        self._log = get_logger("breaker", namespace=ctx.namespace)
+        self._breakers: weakref.WeakSet[BreakerCore] = weakref.WeakSet()
+        # One BreakerCore per (name, policy) while anyone holds it: see
+        # BreakerCore.__new__. ``_recent`` keeps the last few alive a while longer,
         # so asking for a breaker on every request does not re-subscribe each time;
         # ``_pinned`` keeps those with on_state_change callbacks.
-        self.instances: weakref.WeakValueDictionary[tuple[str, Any], CircuitBreaker] = \
+        self.instances: weakref.WeakValueDictionary[tuple[str, Any], BreakerCore] = \
             weakref.WeakValueDictionary()
-        self._recent: collections.OrderedDict[tuple[str, Any], CircuitBreaker] = \
+        self._recent: collections.OrderedDict[tuple[str, Any], BreakerCore] = \
             collections.OrderedDict()
-        self._pinned: set[CircuitBreaker] = set()
+        self._pinned: set[BreakerCore] = set()
         self.instances_lock = threading.Lock()
         self._reconnect_hook: Callable[[], None] | None = None
         self._closed = False
@@ -144,8 +149,8 @@ class Hub:
         self._once = RetryPolicy(attempts=1, deadline=deadline)
         self.recheck_at = 0.0
         self._reset_runtime()
-        coordinator._on_close(self.close)
-        coordinator._on_fork(self._after_fork)
+        ctx.on_close(self.close)
+        ctx.on_fork(self._after_fork)
         _hubs.add(self)
 
     def _reset_runtime(self) -> None:
@@ -157,8 +162,8 @@ class Hub:
 
     # --- instances ------------------------------------------------------------------
 
-    def instance(self, key: tuple[str, Any], build: Callable[[], CircuitBreaker],
-                 ) -> CircuitBreaker:
+    def instance(self, key: tuple[str, Any], build: Callable[[], BreakerCore],
+                 ) -> BreakerCore:
         """The live breaker for ``key`` (name, policy), built by ``build`` if none."""
         with self.instances_lock:
             found = self.instances.get(key)
@@ -170,7 +175,7 @@ class Hub:
                 self._recent.popitem(last=False)
         return found
 
-    def pin(self, breaker: CircuitBreaker) -> None:
+    def pin(self, breaker: BreakerCore) -> None:
         """Keep ``breaker`` alive while the Coordinator is (it has callbacks to run)."""
         with self.instances_lock:
             self._pinned.add(breaker)
@@ -188,12 +193,19 @@ class Hub:
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
             fail_fast: bool = True) -> list[Any]:
+        """:meth:`script` run with blocking I/O."""
+        return run(self.ctx, self.script(name, keys, args, fail_fast=fail_fast))
+
+    def script(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+               fail_fast: bool = True, undo: Callable[[], Plan[Any]] | None = None,
+               ) -> Plan[list[Any]]:
         """Run ``breaker_<name>.lua``, once more at once only if it was never sent.
 
         No backoff: a protected call must not wait for Redis; the caller degrades
         instead. Every socket wait is capped by the retry policy's deadline. While the
         hub is down this fails at once, without I/O, unless ``fail_fast`` is False (an
         explicit command or read, which tries Redis and clears the mark on success).
+        ``undo`` as :class:`~flexisync._core.plan.Step`'s (asyncio cancellation).
 
         Raises:
             BackendUnavailable: Redis could not be reached (or did not answer in time),
@@ -201,7 +213,7 @@ class Hub:
             MalformedRecord: the stored record holds foreign data (nothing changed).
             BackendError: Redis rejected the script.
         """
-        if self._backend.closed:
+        if self.ctx.closed or self._backend.closed:
             raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
         since = self.down_since
         if since is not None and fail_fast:
@@ -209,10 +221,10 @@ class Hub:
                 self._backend.address, attempts=0, elapsed=0.0,
                 reason=f"unreachable for {time.monotonic() - since:.3f}s; waiting for "
                        "the background check")
+        step: Step = Script(f"breaker.{name}", f"breaker_{name}", keys, args,
+                            idempotent=False, retry=self._quick, undo=undo)
         try:
-            reply = list(self._backend.run_script(
-                f"breaker.{name}", f"breaker_{name}", keys, args, idempotent=False,
-                retry=self._quick))
+            reply = list((yield step))
         except BackendError as exc:
             if MALFORMED in exc.reason:
                 defects = exc.reason.split(MALFORMED, 1)[1].split(" script: ", 1)[0]
@@ -247,12 +259,12 @@ class Hub:
 
     # --- registration ---------------------------------------------------------------
 
-    def register(self, breaker: CircuitBreaker) -> None:
+    def register(self, breaker: BreakerCore) -> None:
         """Include ``breaker`` in the periodic work and start the thread if needed."""
         with self._lock:
             self._breakers.add(breaker)
             if self._reconnect_hook is None:
-                self._reconnect_hook = self._coordinator._listener.add_reconnect_hook(
+                self._reconnect_hook = self.ctx.listener.add_reconnect_hook(
                     self._on_reconnect)
             self._ensure_thread()
 
@@ -272,7 +284,7 @@ class Hub:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (runs first in ``Coordinator.close()``)."""
+        """Stop the thread (runs first when the Context closes)."""
         self._closed = True
         self._stop.set()
         self._queue.put((_noop, ()))
@@ -322,7 +334,7 @@ class Hub:
             next_tick = now + FLUSH_INTERVAL
             if self.down_since is not None and now >= self.recheck_at:
                 self._recheck()
-            listener = self._coordinator._listener_obj
+            listener = self.ctx.listener_if_started
             connected = listener is None or listener.connected
             lost = was_connected and not connected
             was_connected = connected

@@ -35,7 +35,9 @@ from typing import Any, Literal
 
 import redis.exceptions as rexc
 
-from flexisync._cli_common import (
+from flexisync._connection import Backend
+from flexisync._keys import is_pattern, validate_pattern
+from flexisync.cli._common import (
     EXIT_OK,
     EXIT_PROBLEM,
     coordinator_for,
@@ -44,8 +46,6 @@ from flexisync._cli_common import (
     print_table,
     text,
 )
-from flexisync._connection import Backend
-from flexisync._keys import is_pattern, validate_pattern
 from flexisync.coordinator import Coordinator
 from flexisync.errors import BackendError, FlexiSyncError
 
@@ -112,7 +112,7 @@ def diagnose(sync: Coordinator, *, topics: Sequence[str] = ()) -> list[Check]:
     Raises:
         BackendUnavailable: Redis does not answer a PING.
     """
-    backend = sync._backend
+    backend = sync._ctx.backend
     try:
         rtts = [backend.ping() for _ in range(PINGS)]
     except BackendError as exc:  # e.g. NOPERM for the SELECT or CLIENT SETNAME of connecting

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from flexisync.errors import CircuitOpenError
 
 if TYPE_CHECKING:
-    from flexisync.breaker import BreakerPolicy
+    from flexisync.breaker._policy import BreakerPolicy
 
 __all__ = ["LocalBreaker"]
 

@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
-from flexisync._cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe, error
-from flexisync._cli_doctor import run_doctor
-from flexisync._cli_inspect import register_inspection
-from flexisync._demo import run_demo
+from flexisync.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe, error
+from flexisync.cli._demo import run_demo
+from flexisync.cli._doctor import run_doctor
+from flexisync.cli._inspect import register_inspection
 from flexisync.errors import FlexiSyncError
 
 __all__ = ["build_parser", "main"]
@@ -157,7 +157,3 @@ def _quiet_library_logs() -> Iterator[None]:
         yield
     finally:
         structlog.configure(**saved)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

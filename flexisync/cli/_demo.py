@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import structlog
 
 from flexisync import embedded
-from flexisync._cli_common import EXIT_OK, EXIT_PROBLEM, error, print_json
+from flexisync.cli._common import EXIT_OK, EXIT_PROBLEM, error, print_json
 from flexisync.coordinator import Coordinator, connect
 from flexisync.errors import CircuitOpenError, FlexiSyncError
 
@@ -517,11 +517,11 @@ def _quiet_logs() -> None:
 
 def _delete_namespace(sync: Coordinator) -> None:
     with contextlib.suppress(FlexiSyncError):
-        pattern = sync._keys.all_keys_pattern()
+        pattern = sync._ctx.keys.all_keys_pattern()
 
         def delete(client: Any) -> int:
             keys = list(client.scan_iter(match=pattern, count=1000))
             return int(client.delete(*keys)) if keys else 0  # DEL: in the documented ACL
 
-        sync._backend.call("demo.cleanup", delete)
+        sync._ctx.backend.call("demo.cleanup", delete)
 

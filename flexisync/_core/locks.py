@@ -1,0 +1,603 @@
+"""Locks written once, as plans: the logic both lock shells run.
+
+:class:`LockCore` holds a lock object's state and writes every operation as a plan
+(:mod:`flexisync._core.plan`); ``flexisync.locks.Lock`` runs the plans with blocking
+I/O, ``flexisync.aio.locks.AsyncLock`` awaits them. :class:`LockRuntime`
+(:mod:`flexisync._core.lock_runtime`) is the per-Context machinery both shells share:
+wake-up registrations and the auto-renew watchdog. How it works:
+
+* **Lease.** ``acquire`` runs one Lua script (one round trip): ``SET lease token NX PX
+  ttl`` and, when that succeeds, the lock's next fencing token. The token is random per
+  acquisition (plus ``host:pid`` for humans), so only the acquisition that set the lease
+  can extend or release it. A retried acquire whose first reply was lost finds its own
+  token and gets its own fencing token back; an acquire whose outcome stays unknown (no
+  reply before its deadline, or the task was cancelled while the command was in flight)
+  drops whatever it may have set (``lock_abandon``) and leaves a tombstone for its token,
+  so a command still in flight that lands later sets nothing.
+* **Fencing tokens** strictly increase per lock name, across processes, lease expiry,
+  the counter's own expiry and a server that lost its data (``lock_lib.lua``).
+* **Release** is idempotent per token: the script leaves a marker "released by token
+  T" that expires a few seconds later, so a retry after a lost reply, or a renewal that
+  raced the release, hears "released", never "lost".
+* **Waiting.** A waiter registers a wake-up handler for the lock's channel on the
+  process's one listener (a ``Subscribe`` step: confirmed by Redis) *before* its final
+  attempt, then waits on a :class:`~flexisync._core.plan.Signal` that the release's
+  ``PUBLISH`` sets: handoff costs about one round trip, no polling. It also re-attempts
+  when the holder's remaining TTL has elapsed (a crashed holder publishes nothing), after
+  the listener reconnects, and at least every few seconds.
+* **Fair mode** keeps a FIFO queue of waiters in Redis; each entry expires unless its
+  waiter refreshes it, and the release names the head so other waiters stay asleep.
+* **Cancellation** (asyncio): cancelled while its acquire command may be in flight, the
+  acquire is undone by token on the Context's janitor thread; cancelled while waiting,
+  the waiter drops its wake-up handler at once and leaves the fair queue (janitor); a
+  cancelled release still releases (the release step's undo repeats it by token).
+* **auto_renew**: one watchdog thread per Context (``flexisync-lock-watchdog``) renews
+  every auto-renewing lock of both shells at ttl/3 with blocking I/O. A renewal that
+  finds the lease gone marks the lock ``lost``, logs ``lock.lost`` and calls
+  ``on_lost(lock)`` on a thread of its own.
+* **Fork.** A forked child holds nothing: inherited lock objects report not owned and
+  never touch the parent's lease.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flexisync._core.lock_runtime import LockRuntime, Wakeups, runtime
+from flexisync._core.plan import Call, Plan, Script, Subscribe, Wait, run
+from flexisync._durations import Duration, seconds, to_ms
+from flexisync._log import get_logger
+from flexisync.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    FlexiSyncError,
+    LockError,
+    LockLostError,
+    LockNotOwnedError,
+    LockTimeout,
+)
+
+if TYPE_CHECKING:
+    from flexisync._core.context import Context
+    from flexisync._listener import Registration
+
+__all__ = ["FENCE_IDLE_TTL", "GRACE", "QUEUE_ENTRY_TTL", "LockCore", "LockInfo",
+           "LockRuntime", "list_locks_plan", "runtime"]
+
+#: A fair-mode queue entry lives this long unless its waiter refreshes it (seconds).
+QUEUE_ENTRY_TTL = 3.0
+#: A lock's fencing counter expires after this long without an acquire (seconds).
+FENCE_IDLE_TTL = 86400.0
+#: How far a call with a ``timeout`` may overrun it, at most twice (seconds): the last
+#: attempt and the clean-up round trip after a fault or a timeout each get this long.
+GRACE = 0.25
+# A release (or an abandoned token) is remembered this much longer than the retry
+# policy's deadline (seconds).
+_RELEASE_MEMORY = 2.0
+# A waiter re-checks at least this often even without a wake-up (seconds).
+_MAX_SLEEP = 5.0
+_HOST = socket.gethostname()
+
+
+def _logger() -> Any:
+    return get_logger("locks")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A lock that is held right now, as ``list_locks`` reports it.
+
+    Attributes:
+        name: the lock's name.
+        ttl: seconds left on the lease; ``math.inf`` when it has no expiry.
+        fencing_token: the holder's fencing token, ``None`` when unknown.
+        holder: ``"host:pid"`` of the holding process, ``None`` when unknown.
+        waiters: live entries in the lock's fair-mode queue (0 for unfair locks).
+    """
+
+    name: str
+    ttl: float
+    fencing_token: int | None
+    holder: str | None
+    waiters: int = 0
+
+
+# --- the lock, as plans --------------------------------------------------------------
+
+
+class LockCore:
+    """State and plans of one lock object; the shells subclass it and run the plans.
+
+    Attributes:
+        name, ttl, timeout, auto_renew, fair, on_lost: as ``Coordinator.lock``.
+    """
+
+    def __init__(self, ctx: Context, name: str, *, ttl: float, timeout: float | None,
+                 auto_renew: bool, fair: bool, on_lost: Callable[[Any], None] | None,
+                 ) -> None:
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigError(f"on_lost must be callable, not {type(on_lost).__name__}")
+        self.name = name
+        self.ttl = ttl
+        self.timeout = timeout
+        self.auto_renew = bool(auto_renew)
+        self.fair = bool(fair)
+        self.on_lost = on_lost
+        self._ctx = ctx
+        keys = ctx.keys
+        self._key = keys.key("lock", name)
+        self._fence_key = keys.key("lock", name, "fence")
+        # lock_release / lock_abandon leave "released by token T" here for a few seconds.
+        self._marker_prefix = keys.key("lock", name, "released") + ":"
+        self._channel = keys.channel("lock", name)
+        queue = [keys.key("lock", name, "queue"), keys.key("lock", name, "queue", "ttl")] \
+            if self.fair else []
+        self._queue_keys = queue
+        self._queue_ms = to_ms(QUEUE_ENTRY_TTL)
+        self._fence_ms = to_ms(max(FENCE_IDLE_TTL, 2 * ttl))
+        self._released_ms = to_ms(ctx.backend.retry.deadline + _RELEASE_MEMORY)
+        self._runtime = runtime(ctx)
+        self._runtime.locks.add(self)
+        self._mutex = threading.Lock()
+        self._token: str | None = None
+        self._releasing: str | None = None  # the token a release in progress gives up
+        self._fence: int | None = None
+        self._lease_ttl = ttl
+        self._acquired_at = 0.0
+        self._lease_deadline = 0.0  # monotonic time by which the lease surely lapsed
+        self._renew_at = math.inf
+        self._lost = False
+        self._inherited = False
+        self._parked_finalizer: weakref.finalize[Any, Any] | None = None
+
+    def __repr__(self) -> str:
+        state = "lost" if self._lost else ("held" if self._token else "unheld")
+        return (f"<{type(self).__name__} {self.name!r} ttl={self.ttl} fair={self.fair} "
+                f"auto_renew={self.auto_renew} {state} fence={self._fence}>")
+
+    def _acquire_keys(self, token: str) -> list[str]:
+        """lock_acquire's KEYS for ``token``: lease, fence, tombstone[, queue keys]."""
+        return [self._key, self._fence_key, self._marker(token), *self._queue_keys]
+
+    def _marker(self, token: str) -> str:
+        """The key in which ``token``'s release (or abandonment) is remembered."""
+        return self._marker_prefix + token.partition(":")[0]
+
+    # --- acquire --------------------------------------------------------------------
+
+    def _acquire_plan(self, blocking: bool, timeout: Duration | None) -> Plan[bool]:
+        """``acquire(blocking, timeout)``: see the shells' docstring."""
+        wait: float | None
+        if timeout is not None:
+            if not blocking:
+                raise ConfigError("timeout cannot be given with blocking=False")
+            wait = seconds(timeout, "timeout", allow_zero=True, allow_inf=True)
+        else:
+            wait = self.timeout if blocking else 0.0
+        deadline = None if wait is None or math.isinf(wait) or wait == 0 \
+            else time.monotonic() + wait
+        if self._token is not None:
+            if not self.lost:
+                raise LockError(self.name, f"lock {self.name!r} is already held by this "
+                                           "Lock object; locks are not reentrant")
+            self._runtime.stop_renewing(self)  # a lost acquisition is simply dropped
+            self._token = None
+        self._drop_parked()
+        token = f"{os.urandom(10).hex()}:{_HOST}:{os.getpid()}"
+        waiting = wait is None or wait > 0
+        acquired, _ = yield from self._attempt(token, waiting, deadline)
+        if acquired:
+            return True
+        if not waiting:
+            return False
+        return (yield from self._wait(token, deadline))
+
+    def _enter_plan(self) -> Plan[None]:
+        """Entering ``with``: acquire within ``timeout`` or raise :class:`LockTimeout`."""
+        if not (yield from self._acquire_plan(True, self.timeout)):
+            raise LockTimeout(self.name, self.timeout)
+
+    def _attempt(self, token: str, waiting: bool,
+                 deadline: float | None = None) -> Plan[tuple[bool, int]]:
+        """One acquire round trip: (acquired, holder's remaining ms or fence).
+
+        When the outcome is unknown (an error, no reply in time, or the task cancelled
+        while the command was in flight), the attempt is abandoned by token.
+        """
+        args: list[Any] = [token, to_ms(self.ttl), self._fence_ms]
+        if self.fair:
+            args += ["1" if waiting else "0", self._queue_ms]
+        started = time.monotonic()
+        bound = None if deadline is None else max(deadline, started + GRACE)
+        try:
+            reply = yield Script("lock.acquire", "lock_acquire", self._acquire_keys(token),
+                                 args, deadline=bound,
+                                 undo=functools.partial(self._abandon, token, True))
+        except Exception:
+            yield from self._abandon(token)
+            raise
+        if int(reply[0]) != 1:
+            return False, int(reply[1])
+        with self._mutex:
+            self._token = token
+            self._fence = int(reply[1])
+            self._lease_ttl = self.ttl
+            self._acquired_at = started
+            self._lease_deadline = started + self.ttl
+            self._lost = False
+            self._inherited = False
+            if self.auto_renew:
+                self._renew_at = started + self.ttl / 3
+        if self.auto_renew:
+            self._runtime.start_renewing(self)
+        return True, int(reply[1])
+
+    def _abandon(self, token: str, background: bool = False) -> Plan[None]:
+        """Drop the lease ``token`` may hold and its queue entry, and leave a tombstone
+        so that a late acquire of ``token`` sets nothing. Best effort, bounded by
+        :data:`GRACE` (in the ``background``: the retry policy's deadline)."""
+        if self._ctx.closed:
+            return  # nothing can be sent; the lease lapses within ttl
+        bound = None if background else time.monotonic() + GRACE
+        try:
+            dropped = yield Script("lock.abandon", "lock_abandon",
+                                   [self._key, self._marker(token), *self._queue_keys],
+                                   [token, self._channel, self._released_ms],
+                                   deadline=bound, undo=None if background else
+                                   functools.partial(self._abandon, token, True))
+        except FlexiSyncError as exc:
+            _logger().warning("lock.abandon_failed", lock=self.name, error=str(exc))
+            return
+        if int(dropped):
+            _logger().info("lock.abandoned", lock=self.name,
+                           reason="an acquire whose outcome was unknown had set the lease")
+
+    def _leave_queue(self, token: str) -> Plan[None]:
+        if self.fair:
+            yield from self._abandon(token)
+
+    def _wait(self, token: str, deadline: float | None) -> Plan[bool]:
+        """Wait for a wake-up, re-attempting; the subscription precedes every attempt."""
+        rt = self._runtime
+        try:
+            wakeups = rt.join()
+        except BackendUnavailable:
+            yield from self._leave_queue(token)
+            raise
+        refresh = QUEUE_ENTRY_TTL / 3 if self.fair else _MAX_SLEEP
+        mine = token.encode()
+        acquired = attempting = False
+        try:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                wakeups.registration = yield Subscribe("channel", self._channel,
+                                                       wakeups.on_message, timeout)
+            except BackendUnavailable:
+                yield from self._leave_queue(token)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False  # the wait ran out while subscribing: a plain timeout
+                raise
+            attempt, recheck = True, 0.0
+            while True:
+                seen = wakeups.snapshot()[0]
+                if attempt and not rt.stopping:
+                    attempting = True
+                    acquired, pttl = yield from self._attempt(token, True, deadline)
+                    attempting = False
+                    if acquired:
+                        return True
+                    # Re-attempt when the holder's lease runs out (a crashed holder
+                    # publishes nothing), and in fair mode often enough to keep our
+                    # queue entry alive.
+                    sleep = refresh if pttl <= 0 else min(refresh, pttl / 1000 + 0.001)
+                    recheck = time.monotonic() + sleep
+                yield from self._sleep(wakeups, seen,
+                                       recheck if deadline is None else min(recheck, deadline))
+                seq, data = wakeups.snapshot()
+                woke = seq != seen
+                # Fair mode: the release named another waiter as the next holder.
+                named_other = self.fair and seq == seen + 1 and data not in (b"", mine)
+                now = time.monotonic()
+                if rt.stopping:
+                    raise BackendUnavailable(self._ctx.address,
+                                             reason="the Coordinator was closed")
+                if not woke and deadline is not None and now >= deadline:
+                    yield from self._leave_queue(token)
+                    return False
+                attempt = not (woke and named_other and now < recheck)
+        except GeneratorExit:
+            # Cancelled (asyncio) or dropped: an attempt in flight is undone by its own
+            # step; otherwise leave the fair queue in the background.
+            if self.fair and not attempting:
+                self._ctx.janitor(self._abandon(token, True))
+            raise
+        finally:
+            parked = rt.leave(wakeups, acquired=acquired)
+            if parked is not None:
+                self._park(parked)
+
+    def _sleep(self, wakeups: Wakeups, seen: int, limit: float) -> Plan[None]:
+        """Wait until a wake-up newer than ``seen``, the runtime stops, or ``limit``."""
+        while not self._runtime.stopping:
+            wakeups.signal.clear()
+            if wakeups.snapshot()[0] != seen:
+                return
+            now = time.monotonic()
+            if now >= limit:
+                return
+            yield Wait(wakeups.signal, limit - now)
+
+    def _park(self, registration: Registration) -> None:
+        """Keep the wake-up handler of the wait that acquired until this lock releases
+        (the UNSUBSCRIBE then costs nothing on the handoff path)."""
+        self._drop_parked()
+        finalizer = weakref.finalize(self, functools.partial(registration.close, wait=False))
+        finalizer.atexit = False  # the Context's close drops everything at exit
+        self._parked_finalizer = finalizer
+
+    def _drop_parked(self) -> None:
+        finalizer, self._parked_finalizer = self._parked_finalizer, None
+        if finalizer is not None:
+            finalizer()
+
+    # --- release / extend ------------------------------------------------------------
+
+    def _not_owned_reason(self) -> str:
+        if self._inherited:
+            return ("not held in this process: it was acquired by the parent before "
+                    "fork(), and a forked child holds nothing")
+        if self._lost:
+            return "not held by this Lock: its lease was lost"
+        return "not held by this Lock (never acquired, or already released)"
+
+    def _release_step(self, token: str, undo: bool) -> Script:
+        return Script("lock.release", "lock_release",
+                      [self._key, self._marker(token), *self._queue_keys],
+                      [token, self._channel, self._released_ms],
+                      undo=functools.partial(self._release_again, token) if undo else None)
+
+    def _release_again(self, token: str) -> Plan[None]:
+        """A release cancelled in flight, repeated by token (idempotent) on the janitor."""
+        try:
+            yield self._release_step(token, undo=False)
+        except FlexiSyncError as exc:
+            _logger().warning("lock.release_failed", lock=self.name, error=str(exc))
+
+    def _release_plan(self) -> Plan[None]:
+        """``release()``: see the shells' docstring."""
+        with self._mutex:
+            token = self._token
+            if token is None:
+                raise LockNotOwnedError(self.name, self._not_owned_reason())
+            # From here on a renewal or owned() that finds the lease gone is looking at
+            # this release, not at a loss.
+            self._releasing = token
+        self._runtime.stop_renewing(self)
+        try:
+            outcome = _text((yield self._release_step(token, undo=True)))
+            if outcome != "released":
+                self._mark_lost(token, f"release found the lease {outcome}", releasing=True)
+        finally:
+            with self._mutex:
+                if self._token == token:
+                    self._token = None
+                    self._fence = None
+                    self._renew_at = math.inf
+                if self._releasing == token:
+                    self._releasing = None
+            self._drop_parked()
+        if outcome != "released":
+            raise LockNotOwnedError(self.name, self._lapsed_reason(outcome, "release"))
+
+    def _exit_plan(self, exc: BaseException | None) -> Plan[None]:
+        """Leaving ``with``: release. A lease that lapsed inside the block raises
+        :class:`LockLostError` unless the block itself raised, which is never masked."""
+        try:
+            yield from self._release_plan()
+        except LockNotOwnedError as error:
+            if exc is None:
+                raise LockLostError(self.name) from error
+            _logger().warning("lock.release_failed", lock=self.name, error=str(error))
+        except FlexiSyncError as error:
+            if exc is None:
+                raise
+            _logger().warning("lock.release_failed", lock=self.name, error=str(error))
+
+    def _lapsed_reason(self, outcome: str, operation: str) -> str:
+        if outcome == "released":
+            return "not held by this Lock: it was released"
+        held = time.monotonic() - self._acquired_at
+        who = ("another holder has it now" if outcome == "taken"
+               else "nobody holds it now (it expired or was deleted)")
+        return (f"no longer held by this Lock: its lease (ttl {self._lease_ttl:g}s) lapsed "
+                f"before {operation}, {held:.3f}s after it was acquired, and {who}; work "
+                "done after the lapse was not protected (use auto_renew=True, a longer "
+                "ttl, or check fencing tokens at the resource)")
+
+    def _extend_plan(self, ttl: Duration | None) -> Plan[None]:
+        """``extend(ttl)``: see the shells' docstring."""
+        new_ttl = self.ttl if ttl is None else seconds(ttl, "ttl")
+        token = self._token
+        if token is None:
+            raise LockNotOwnedError(self.name, self._not_owned_reason())
+        outcome = yield from self._extend_once(token, new_ttl)
+        if outcome != "extended":
+            raise LockNotOwnedError(self.name, self._lapsed_reason(outcome, "extend"))
+
+    def _extend_once(self, token: str, ttl: float,
+                     deadline: float | None = None) -> Plan[str]:
+        started = time.monotonic()
+        outcome = _text((yield Script("lock.extend", "lock_extend",
+                                      [self._key, self._marker(token)], [token, to_ms(ttl)],
+                                      deadline=deadline)))
+        if outcome == "extended":
+            with self._mutex:
+                if self._token == token:
+                    self._lease_ttl = ttl
+                    self._lease_deadline = started + ttl
+                    if self.auto_renew:
+                        self._renew_at = started + ttl / 3
+        elif outcome != "released":  # "released": our own release won the race
+            self._mark_lost(token, f"extend found the lease {outcome}")
+        return outcome
+
+    def _extend(self, token: str, ttl: float, deadline: float | None = None) -> str:
+        """:meth:`_extend_once` with blocking I/O (the watchdog's thread)."""
+        return run(self._ctx, self._extend_once(token, ttl, deadline))
+
+    def _renew(self) -> None:
+        """Watchdog: renew the lease once; mark it lost when that proves impossible.
+
+        Cut at the local lease deadline (or after :data:`GRACE` when the watchdog comes
+        late), so one stalled renewal never holds up the others for long.
+        """
+        with self._mutex:
+            token = self._token
+            if token is None or self._releasing == token:
+                token = None
+        if token is None:
+            self._runtime.stop_renewing(self)
+            return
+        try:
+            self._extend(token, self._lease_ttl,
+                         deadline=max(self._lease_deadline, time.monotonic() + GRACE))
+        except (BackendUnavailable, BackendError) as exc:
+            now = time.monotonic()
+            if now >= self._lease_deadline:
+                self._mark_lost(token, f"renewal failed until the lease ran out: {exc}")
+            else:
+                self._renew_at = now + min(self._lease_ttl / 10, 0.5)
+                _logger().warning("lock.renew_failed", lock=self.name, error=str(exc))
+
+    def _mark_lost(self, token: str, reason: str, *, releasing: bool = False) -> None:
+        """Mark the acquisition ``token`` lost (once), log it and call ``on_lost``."""
+        with self._mutex:
+            if self._token != token or self._lost:
+                return
+            if self._releasing == token and not releasing:
+                return
+            self._lost = True
+            fence = self._fence
+        self._runtime.stop_renewing(self)
+        _logger().warning("lock.lost", lock=self.name, reason=reason, fencing_token=fence,
+                          held_for=round(time.monotonic() - self._acquired_at, 3))
+        callback = self.on_lost
+        if callback is not None:
+            threading.Thread(target=self._call_on_lost, args=(callback,),
+                             name="flexisync-lock-on-lost", daemon=True).start()
+
+    def _call_on_lost(self, callback: Callable[[Any], None]) -> None:
+        try:
+            callback(self)
+        except Exception:
+            _logger().exception("lock.on_lost_failed", lock=self.name)
+
+    def _forget_after_fork(self) -> None:
+        self._drop_parked()  # the listener has already forgotten the parent's socket
+        self._mutex = threading.Lock()
+        if self._token is not None:
+            self._inherited = True
+        self._token = None
+        self._releasing = None
+        self._fence = None
+        self._renew_at = math.inf
+        self._lost = False
+
+    # --- inspection ------------------------------------------------------------------
+
+    def _locked_plan(self) -> Plan[bool]:
+        key = self._key
+        return bool((yield Call("lock.locked", lambda c: c.exists(key))))
+
+    def _owned_plan(self) -> Plan[bool]:
+        token = self._token
+        if token is None or self._lost:
+            return False
+        key = self._key
+        current = yield Call("lock.owned", lambda c: c.get(key))
+        if current is not None and _text(current) == token:
+            return True
+        self._mark_lost(token, "the lease is gone")
+        return False
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The fencing token of the current acquisition, ``None`` when not acquired.
+
+        Strictly greater than every token issued before for this name, in any process.
+        It stays readable after the lease is lost until the release or next acquire.
+        """
+        return self._fence
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease of the current acquisition is known, or must be
+        presumed, gone (a renewal, extend, release or ``owned()`` found it gone, or it
+        ran past ``ttl`` without a successful renewal). No round trip."""
+        token = self._token
+        if token is not None and not self._lost and time.monotonic() >= self._lease_deadline:
+            self._mark_lost(token, f"the lease ran past its ttl ({self._lease_ttl:g}s)")
+        return self._lost
+
+    def _check_held(self) -> None:
+        if self.lost:
+            raise LockLostError(self.name)
+        if self._token is None:
+            raise LockNotOwnedError(self.name, self._not_owned_reason())
+
+
+def list_locks_plan(ctx: Context) -> Plan[list[LockInfo]]:
+    """Every lock held in ``ctx``'s namespace, sorted by name (SCAN, never KEYS; one
+    pipelined round trip per 200 leases)."""
+    prefix = f"{ctx.keys.namespace}:lock:{{"
+    cursor: Any = 0
+    found: set[str] = set()
+    while True:
+        cursor, batch = yield Call("locks.list",
+                                   functools.partial(_scan, cursor, prefix + "*"))
+        found.update(k for k in map(_text, batch) if k.endswith("}"))
+        if int(cursor) == 0:
+            break
+    leases = sorted(found)
+    result: list[LockInfo] = []
+    for start in range(0, len(leases), 200):
+        chunk = leases[start:start + 200]
+        replies = yield Call("locks.list", functools.partial(_read_leases, chunk))
+        for i, lease in enumerate(chunk):
+            value, pttl, fence, waiters = replies[4 * i:4 * i + 4]
+            if value is None or int(pttl) == -2:
+                continue  # released between SCAN and the read
+            parts = _text(value).split(":", 1)
+            result.append(LockInfo(
+                name=lease[len(prefix):-1],
+                ttl=math.inf if int(pttl) == -1 else int(pttl) / 1000,
+                fencing_token=int(fence) if fence is not None else None,
+                holder=parts[1] if len(parts) == 2 else None,
+                waiters=int(waiters),
+            ))
+    return result
+
+
+def _scan(cursor: Any, match: str, client: Any) -> Any:
+    return client.scan(cursor, match=match, count=500)
+
+
+def _read_leases(chunk: list[str], client: Any) -> Any:
+    pipe = client.pipeline(transaction=False)
+    for lease in chunk:
+        pipe.get(lease).pttl(lease).get(lease + ":fence").zcard(lease + ":queue")
+    return pipe.execute()
