@@ -16,10 +16,10 @@ threads and connections when the last one is closed.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flexisync._connection import Backend, ConnectionSpec
@@ -59,7 +59,7 @@ class Context:
         self._extensions: dict[str, Any] = {}
         self._fork_hooks: list[Callable[[], None]] = []
         self._close_hooks: list[Callable[[], None]] = []
-        self._janitor: ThreadPoolExecutor | None = None
+        self._janitor: tuple[queue.SimpleQueue[Any], threading.Thread] | None = None
         self._janitor_pid = os.getpid()
         self.refs = 0
         self.closed = False
@@ -135,33 +135,51 @@ class Context:
         """Run ``plan`` with blocking I/O on the Context's janitor thread, in order.
 
         For compensating work after a cancellation (release a lock by token): it
-        completes even when the event loop that was cancelled is shutting down.
-        Failures are logged. One named daemon thread, started on first use.
+        completes even when the event loop that was cancelled is shutting down, and
+        before the Context's connections close. Failures are logged. One named daemon
+        thread, started on first use (again in a forked child).
         """
-        from flexisync._core.plan import run  # noqa: PLC0415
-
-        def work() -> None:
-            try:
-                run(self, plan)
-            except Exception:
-                self.log.exception("coordinator.cleanup_failed")
-
         with self._lock:
             if self.closed:
                 plan.close()
                 return
-            if self._janitor is None or self._janitor_pid != os.getpid():
-                self._janitor = ThreadPoolExecutor(1, thread_name_prefix="flexisync-janitor")
-                self._janitor_pid = os.getpid()
-            self._janitor.submit(work)
+            self._janitor_queue().put(plan)
 
     def settle(self, timeout: float = 5.0) -> bool:
-        """Wait until queued janitor work is done (tests and ``aclose``); True if done."""
+        """Wait until the janitor work queued so far is done; False if ``timeout``
+        seconds (wall clock) pass first. For tests and orderly shutdowns."""
+        done = threading.Event()
         with self._lock:
-            janitor = self._janitor
-        if janitor is None:
-            return True
-        return janitor.submit(lambda: None).exception(timeout) is None
+            if self._janitor is None or self._janitor_pid != os.getpid():
+                return True
+            self._janitor[0].put(done)
+        return done.wait(timeout)
+
+    def _janitor_queue(self) -> queue.SimpleQueue[Any]:
+        """The janitor's queue, starting its thread; caller holds ``_lock``."""
+        if self._janitor is None or self._janitor_pid != os.getpid():
+            work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._clean, args=(work,),
+                                      name="flexisync-janitor", daemon=True)
+            self._janitor = (work, thread)
+            self._janitor_pid = os.getpid()
+            thread.start()
+        return self._janitor[0]
+
+    def _clean(self, work: queue.SimpleQueue[Any]) -> None:
+        from flexisync._core.plan import run  # noqa: PLC0415
+
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                run(self, item)
+            except Exception:
+                self.log.exception("coordinator.cleanup_failed")
 
     # --- lifetime -----------------------------------------------------------------------
 
@@ -202,7 +220,8 @@ class Context:
             self._listener_obj.close()
         janitor, self._janitor = self._janitor, None
         if janitor is not None and self._janitor_pid == os.getpid():
-            janitor.shutdown(wait=True, cancel_futures=False)
+            janitor[0].put(None)  # after the work already queued: it completes first
+            janitor[1].join(timeout=self.backend.retry.deadline + 1.0)
         self.backend.closed = True
         self.backend.close()
         if self._abackend is not None:

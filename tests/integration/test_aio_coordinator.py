@@ -114,3 +114,31 @@ def test_an_async_coordinator_keeps_working_in_a_forked_child(flexisync_url: str
         return value
 
     assert asyncio.run(check()) == 2
+
+
+def test_the_janitor_is_one_named_daemon_stopped_by_close(flexisync_url: str,
+                                                          namespace: str) -> None:
+    """Compensating work runs on one named daemon thread, in order, finished by close()."""
+    import threading
+
+    from flexisync._core.plan import Call
+
+    sync = flexisync.connect(flexisync_url, namespace=namespace)
+    ctx = sync._ctx
+    key = f"{namespace}:janitor"
+
+    def write(value: int) -> Any:
+        yield Call("test.janitor", lambda c: c.rpush(key, value))
+
+    for value in range(3):
+        ctx.janitor(write(value))
+    assert ctx.settle(10.0)
+    janitors = [t for t in threading.enumerate() if t.name == "flexisync-janitor"]
+    assert len(janitors) == 1
+    assert janitors[0].daemon
+    ctx.janitor(write(3))  # queued before close(): close() lets it finish first
+    sync.close()
+    assert not janitors[0].is_alive()
+    with flexisync.connect(flexisync_url, namespace=namespace + "x") as other:
+        assert other._ctx.backend.client.lrange(key, 0, -1) == [b"0", b"1", b"2", b"3"]
+        other._ctx.backend.client.delete(key)
