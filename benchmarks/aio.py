@@ -8,6 +8,10 @@
 * publish -> receive: one event published and awaited by a subscriber in the same
   process before the next (round trip through Redis and the listener), vs raw
   ``redis.asyncio`` pub/sub;
+* raw thread-listener floor: the same publish -> receive through a bare redis-py
+  pub/sub thread handing each message to the loop (``call_soon_threadsafe``), no
+  flexisync code: the cost of the mandated design (one listener thread per process,
+  shared by sync and async code) before any library overhead;
 * lock handoff: a second process waits in ``acquire``; the time from ``release`` to the
   waiter's ``acquire`` returning, p50 / p99 (CLOCK_MONOTONIC is shared by processes).
 
@@ -24,6 +28,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -84,6 +89,75 @@ async def pubsub_case(sync: flexisync.aio.AsyncCoordinator, raw: aredis.Redis,
                 return message
 
     return ours, theirs, sub, pubsub
+
+
+class ThreadFloor:
+    """The floor of the mandated design (one listener thread shared by sync and async
+    code): a bare redis-py ``pubsub.get_message`` loop in a thread handing each message
+    to the event loop with ``loop.call_soon_threadsafe`` into a future; published with
+    raw ``redis.asyncio``. No flexisync code: what the thread hop alone costs."""
+
+    def __init__(self, url: str, raw: aredis.Redis, channel: str) -> None:
+        self._raw = raw
+        self._channel = channel
+        self._client = redis.Redis.from_url(url)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(channel)
+        while self._pubsub.get_message(timeout=0.2) is not None:
+            pass
+        self._loop = asyncio.get_running_loop()
+        self._waiting: list[asyncio.Future[Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="bench-floor", daemon=True)
+        self._thread.start()
+        self._payload = dumps(VALUE)
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.25)
+            if message is not None:
+                self._loop.call_soon_threadsafe(self._hand, message)
+
+    def _hand(self, message: Any) -> None:
+        if self._waiting:
+            future = self._waiting.pop()
+            if not future.done():
+                future.set_result(message)
+
+    async def round_trip(self) -> object:
+        future = self._loop.create_future()
+        self._waiting.append(future)
+        await self._raw.publish(self._channel, self._payload)
+        return await asyncio.wait_for(future, 2.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self._pubsub.close()
+        self._client.close()
+
+
+async def publish_rows(sync: flexisync.aio.AsyncCoordinator, raw: aredis.Redis, url: str,
+                       namespace: str, *, n: int, rounds: int,
+                       ) -> tuple[tuple[str, float, float], tuple[str, float, float]]:
+    """The publish -> receive row, and the raw thread-listener floor, measured in the
+    same alternating rounds as the one raw redis.asyncio round trip both rows divide by."""
+    ours, theirs, sub, pubsub = await pubsub_case(sync, raw, namespace)
+    floor = ThreadFloor(url, raw, f"{namespace}:floorbench")
+    cases = (ours, theirs, floor.round_trip)
+    samples: tuple[list[float], ...] = ([], [], [])
+    try:
+        for fn in cases:
+            await per_op_us(fn, 200)
+        for _ in range(rounds):
+            for fn, found in zip(cases, samples, strict=True):
+                found.append(await per_op_us(fn, n))
+    finally:
+        floor.close()
+    await sub.aclose()
+    await pubsub.aclose()
+    mine, base, floor_us = (statistics.median(found) for found in samples)
+    return ("publish -> receive", mine, base), ("raw thread-listener floor", floor_us, base)
 
 
 def _handoff_waiter(url: str, namespace: str, library: str, conn: Any) -> None:
@@ -174,11 +248,9 @@ async def run(url: str, n: int, rounds: int, handoffs: int) -> None:
 
             rows.append(await compare("lock acquire + release", ours_lock, raw_lock_cycle,
                                       max(n // 3, 300), rounds))
-            ours, theirs, sub, pubsub = await pubsub_case(sync, raw, namespace)
-            rows.append(await compare("publish -> receive", ours, theirs,
-                                      max(n // 3, 300), rounds))
-            await sub.aclose()
-            await pubsub.aclose()
+            publish_row, floor_row = await publish_rows(
+                sync, raw, url, namespace, n=max(n // 3, 300), rounds=rounds)
+            rows.append(publish_row)
         handoff_rows = []
         for library in ("flexisync", "redis.asyncio Lock"):
             count = handoffs if library == "flexisync" else max(handoffs // 10, 20)
@@ -198,6 +270,9 @@ async def run(url: str, n: int, rounds: int, handoffs: int) -> None:
         ratio = mine / base
         verdict = "met" if ratio <= 1.3 else "missed"
         print(f"| {name} | {mine:.1f} | {base:.1f} | {ratio:.2f}x | <= 1.3x: {verdict} |")
+    name, mine, base = floor_row
+    print(f"| {name} (publish -> receive through a redis-py thread + call_soon_threadsafe, "
+          f"no flexisync) | {mine:.1f} | {base:.1f} | {mine / base:.2f}x | the design's floor |")
     print("\n| lock handoff to a waiting process | p50 ms | p99 ms | samples |")
     print("|---|---:|---:|---:|")
     for library, p50, p99, count in handoff_rows:

@@ -24,6 +24,12 @@ of each event. Measured:
 Targets (issue 10): 5,000 clients on <= 4 Redis connections, p99 <= 250 ms on 2 cores.
 Clients and server share the machine's cores; the load average is printed before and
 after each run. One run per configuration; the last table gives the ratios.
+
+``--micro N`` measures the library alone instead, without HTTP: N
+``flexisync.aio.sse.event_stream`` generators of one stream in this process, each
+iterated by its own task, while a thread appends the events. Reported: this process's
+CPU per event (the reader's fetch, the fan-out, every generator's wake-up and frames),
+per follower, and append -> frame latency p50/p99/max.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -52,7 +59,10 @@ import httpx
 import redis
 
 import flexisync
-from _common import pct  # benchmarks/_common.py
+import flexisync.aio
+from _common import pct, quiet_logs  # benchmarks/_common.py
+from flexisync._core.followers import reader_of
+from flexisync.aio.sse import event_stream
 from flexisync.testing import delete_namespace, resolve_test_url
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,6 +84,16 @@ def raise_fd_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def server_stack() -> str:
+    """Which event loop and HTTP parser uvicorn picks for the servers."""
+    code = ("import importlib.util as u; print('uvloop' if u.find_spec('uvloop') else "
+            "'asyncio', 'httptools' if u.find_spec('httptools') else 'h11')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(SERVER_PATH)}
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    return " + ".join(found)
 
 
 def free_port() -> int:
@@ -150,7 +170,11 @@ async def _clients(port: int, n: int, control: Any, out: Any) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     latencies = [value for per_client in arrivals for value in per_client.values()]
     counts = [len(per_client) for per_client in arrivals]
-    out.put(("result", latencies, counts))
+    slowest: dict[int, float] = {}  # per event: the latency of its last delivery here
+    for per_client in arrivals:
+        for seq, value in per_client.items():
+            slowest[seq] = max(slowest.get(seq, 0.0), value)
+    out.put(("result", latencies, counts, slowest))
 
 
 def client_process(port: int, n: int, control: Any, out: Any) -> None:
@@ -211,6 +235,7 @@ class Result:
     redis_commands: dict[str, int] = field(default_factory=dict)
     reached: int = 0
     latencies: list[float] = field(default_factory=list)
+    slowest: dict[int, float] = field(default_factory=dict)
     cpu: float = 0.0
     load_before: str = ""
     load_after: str = ""
@@ -218,6 +243,10 @@ class Result:
     def p(self, q: float) -> float | None:
         """The ``q`` quantile of the latencies in ms (None: nothing arrived)."""
         return pct(self.latencies, q) * 1e3 if self.latencies else None
+
+
+#: Folders put first on the servers' PYTHONPATH (``--server-path``).
+SERVER_PATH: list[str] = []
 
 
 @contextlib.contextmanager
@@ -229,8 +258,9 @@ def serving(app: str, *, url: str, namespace: str, stream: str,
     """
     port = free_port()
     env = {**os.environ, "FLEXISYNC_URL": url}
-    if library is not None:
-        env["PYTHONPATH"] = str(library)
+    path = [*SERVER_PATH, *([str(library)] if library is not None else [])]
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
     server = subprocess.Popen(
         [sys.executable, str(SCRIPTS[app.partition(" @")[0]]), "--port", str(port),
          "--namespace", namespace, "--stream", stream, "--produce", "0", "--heartbeat", "15"],
@@ -312,8 +342,10 @@ def run(app: str, n: int, *, url: str, namespace: str, events: int, every: float
             connections.append(redis_connections(raw, pid, redis_port))
             for _, control in procs:
                 control.put(10.0)  # the clients' deadline for the last deliveries
-            for _, latencies, counts in collect(out, procs, 60):
+            for _, latencies, counts, slowest in collect(out, procs, 60):
                 result.latencies += latencies
+                for seq, value in slowest.items():
+                    result.slowest[seq] = max(result.slowest.get(seq, 0.0), value)
                 result.reached += sum(1 for c in counts if c == events)
             result.cpu = cpu_seconds(pid) - cpu_before
             result.redis_commands = max(connections, key=lambda c: sum(c.values()))
@@ -326,6 +358,68 @@ def run(app: str, n: int, *, url: str, namespace: str, events: int, every: float
             raw.close()
     result.load_after = load()
     return result
+
+
+# --- in-process: the library's cost per event, without HTTP -----------------------------
+
+
+async def _micro(url: str, namespace: str, n: int, events: int, every: float) -> None:
+    name = f"micro-{n}-{uuid.uuid4().hex[:6]}"
+    sent: list[float] = []
+    latencies: list[float] = []
+    counts = [0] * n
+
+    async def client(i: int, frames: Any) -> None:
+        async for frame in frames:
+            ticks = frame.count("event: tick")
+            if ticks:
+                now = time.perf_counter()
+                for seq in range(counts[i], counts[i] + ticks):
+                    latencies.append(now - sent[seq])
+                counts[i] += ticks
+                if counts[i] >= events:
+                    return
+
+    async with flexisync.aio.connect(url, namespace=namespace) as sync:
+        stream = sync.stream(name, maxlen=10_000)
+        reader = reader_of(sync._ctx)
+        tasks = [asyncio.ensure_future(client(i, event_stream(stream, None, heartbeat=15)))
+                 for i in range(n)]
+        while reader.followers().get(name, 0) < n:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # every follower has replayed (nothing) and waits
+
+        def produce() -> None:
+            with flexisync.connect(url, namespace=namespace) as writer:
+                log = writer.stream(name, maxlen=10_000)
+                for seq in range(events):
+                    time.sleep(every)
+                    sent.append(time.perf_counter())
+                    log.append({"seq": seq, "t": sent[-1]}, type="tick")
+
+        collections = [g["collections"] for g in gc.get_stats()]
+        cpu = time.process_time()
+        wall = time.perf_counter()
+        producer = asyncio.get_running_loop().run_in_executor(None, produce)
+        await asyncio.wait_for(asyncio.gather(producer, *tasks), timeout=events * every + 60)
+        cpu = time.process_time() - cpu
+        wall = time.perf_counter() - wall
+        collections = [g["collections"] - c for g, c in zip(gc.get_stats(), collections,
+                                                             strict=True)]
+    idle = events * every  # the producer's sleeps: the rest of the wall time is work
+    print(f"{n} async event_stream generators, {events} events one every {every}s: "
+          f"CPU {cpu / events * 1e3:.1f} ms per event "
+          f"({cpu / events / n * 1e6:.1f} us per follower per event), "
+          f"wall {wall - idle:.2f}s beyond the {idle:.1f}s of pauses; append -> frame "
+          f"p50 {pct(latencies, 0.5) * 1e3:.1f} ms, p99 {pct(latencies, 0.99) * 1e3:.1f} ms, "
+          f"max {max(latencies) * 1e3:.1f} ms; {len(latencies)}/{n * events} delivered; "
+          f"garbage collections by generation {collections}; {load()}")
+
+
+def micro(url: str, namespace: str, n: int, events: int, every: float) -> None:
+    """Run :func:`_micro`: N in-process async SSE generators, CPU per event."""
+    quiet_logs()
+    asyncio.run(_micro(url, namespace, n, events, every))
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:
@@ -386,18 +480,38 @@ def main() -> int:
                              "revision (e.g. the last commit before the asyncio work)")
     parser.add_argument("--events", type=int, default=20)
     parser.add_argument("--every", type=float, default=0.5, help="seconds between appends")
+    parser.add_argument("--server-path", default="",
+                        help="a folder put first on the servers' PYTHONPATH, e.g. one "
+                             "holding uvloop and httptools (what uvicorn[standard] adds; "
+                             "uvicorn uses them when it finds them): "
+                             "pip install --target DIR uvloop httptools")
+    parser.add_argument("--micro", type=int, default=0, metavar="N",
+                        help="only the in-process measurement: N async event_stream "
+                             "generators, no HTTP (see the module docstring)")
     args = parser.parse_args()
+    if args.server_path:
+        SERVER_PATH.append(str(pathlib.Path(args.server_path).resolve()))
     limit = raise_fd_limit()
     url, embedded = resolve_test_url(args.url or None)
     namespace = f"bench-sse-{uuid.uuid4().hex[:8]}"
     raw = redis.Redis.from_url(url)
-    threadpool_sizes = [int(n) for n in args.threadpool_sizes.split(",")]
+    if args.micro:
+        try:
+            micro(url, namespace, args.micro, args.events, args.every)
+        finally:
+            delete_namespace(raw, namespace)
+            raw.close()
+            if embedded is not None:
+                embedded.stop()
+        return 0
+    threadpool_sizes = [int(n) for n in args.threadpool_sizes.split(",") if n]
     plan: list[tuple[str, int, bool]] = [(ASYNCIO, int(n), False)
                                          for n in args.sizes.split(",")]
     plan += [(THREADS, n, False) for n in threadpool_sizes]
     if args.baseline_rev:
         plan += [(f"{THREADS} @{args.baseline_rev}", n, True) for n in threadpool_sizes]
-    print(f"{load()}; fd limit {limit}; {args.events} events, one every {args.every}s")
+    print(f"{load()}; fd limit {limit}; {args.events} events, one every {args.every}s; "
+          f"servers' extra path: {SERVER_PATH or 'none'} ({server_stack()})")
     results: list[Result] = []
     try:
         with library_at(args.baseline_rev) as baseline:
@@ -408,6 +522,9 @@ def main() -> int:
                 print(f"  {app:<30} N={n:>5}: {result.load_before} -> {result.load_after}; "
                       f"server's Redis connections by last command: {result.redis_commands}",
                       flush=True)
+                slowest = " ".join(f"{result.slowest[seq] * 1e3:.0f}"
+                                   for seq in sorted(result.slowest))
+                print(f"    ms to the last client, event by event: {slowest}", flush=True)
     finally:
         delete_namespace(raw, namespace)
         raw.close()

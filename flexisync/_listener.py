@@ -26,6 +26,8 @@ import collections
 import contextlib
 import os
 import random
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -445,12 +447,10 @@ class Listener:
         last_heard = time.monotonic()
         ping_sent: float | None = None
         self._maybe_run_hooks()
+        read = _fast_reader(conn) or _slow_reader(conn)
         while not self._stop.is_set():
-            if conn.can_read(timeout=self._poll):
-                try:
-                    reply = conn.read_response(disconnect_on_error=False)
-                except rexc.ResponseError as exc:  # an error reply: the socket is fine
-                    reply = exc
+            reply = read(self._poll)
+            if reply is not _NOTHING:
                 last_heard = time.monotonic()
                 ping_sent = None
                 self._dispatch(reply)
@@ -529,6 +529,87 @@ class Listener:
                 hook()
             except Exception:
                 self._log.exception("events.reconnect_hook_failed")
+
+
+_NOTHING: Any = object()  # a reader's "nothing arrived within the poll interval"
+
+
+def _slow_reader(conn: Any) -> Callable[[float], Any]:
+    """Read replies through redis-py (any parser, any platform)."""
+
+    def read(timeout: float) -> Any:
+        if not conn.can_read(timeout=timeout):
+            return _NOTHING
+        try:
+            return conn.read_response(disconnect_on_error=False)
+        except rexc.ResponseError as exc:  # an error reply: the socket is fine
+            return exc
+
+    return read
+
+
+def _fast_reader(conn: Any) -> Callable[[float], Any] | None:
+    """Read replies straight off the socket with a hiredis reader of our own.
+
+    Latency: a message costs one ``poll`` and one ``read`` (two releases of the GIL)
+    instead of redis-py's four to six syscalls per reply (``can_read`` polls twice and
+    peeks; the socket timeout adds a poll before each ``recv``), each a point where the
+    thread waiting for this message (an event loop, a lock waiter) and this thread hand
+    the GIL back and forth: measured, ~30 µs less per async publish -> receive. Used on
+    a fresh real socket with redis-py's hiredis parser holding no buffered data (right
+    after ``connect()``); None otherwise (memory://, no hiredis, no ``poll``): then
+    :func:`_slow_reader`.
+    """
+    try:
+        import hiredis  # noqa: PLC0415  (redis[hiredis] is a dependency; stay optional)
+    except ImportError:  # pragma: no cover - hiredis is installed with flexisync
+        return None
+    from redis._parsers import _HiredisParser  # noqa: PLC0415
+
+    sock = getattr(conn, "_sock", None)
+    parser = getattr(conn, "_parser", None)
+    if not (isinstance(sock, socket.socket) and isinstance(parser, _HiredisParser)
+            and hasattr(select, "poll")):
+        return None  # a fake socket (memory://), the pure-Python parser, no poll()
+    buffered = getattr(getattr(parser, "_reader", None), "has_data", None)
+    if buffered is None or buffered():
+        return None  # data already buffered in redis-py's reader: let it parse
+    reader = hiredis.Reader(protocolError=rexc.InvalidResponse,
+                            replyError=getattr(parser, "parse_error", rexc.ResponseError))
+    buffer = bytearray(65536)
+    fd = sock.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes above the socket
+    readv = getattr(os, "readv", None)
+    if pending is not None or readv is None:  # TLS, or no readv: through the socket
+        def fill() -> int:
+            return int(sock.recv_into(buffer))
+    else:  # a plain socket: one read(2), not the socket timeout's poll + recv
+        def fill() -> int:
+            return readv(fd, [buffer])  # type: ignore[no-any-return]
+
+    def read(timeout: float) -> Any:
+        reply = reader.gets()
+        if reply is not False:
+            return reply
+        # The fd is checked while this thread holds the GIL, so a close() from another
+        # thread (which needs the GIL) cannot slip in before the syscall; a close
+        # during it shuts the socket down first, which wakes poll and read with EOF.
+        if sock.fileno() != fd:
+            raise ConnectionError("the listener connection was closed")
+        if not (pending is not None and pending()) and not poller.poll(timeout * 1000):
+            return _NOTHING
+        if sock.fileno() != fd:
+            raise ConnectionError("the listener connection was closed")
+        size = fill()
+        if not size:
+            raise ConnectionError("Redis closed the listener connection")
+        reader.feed(buffer, 0, size)  # type: ignore[arg-type]  # any buffer works
+        reply = reader.gets()
+        return _NOTHING if reply is False else reply
+
+    return read
 
 
 def _make_connection(client: Any) -> Any:

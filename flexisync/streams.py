@@ -161,11 +161,20 @@ class Stream(StreamShell):
 
 
 def iterate(ctx: Context, source: Any) -> Generator[Any, None, None]:
-    """Yield the items of ``source.next_items()`` plans run with blocking I/O until it
-    returns ``None``; ``source.close()`` when done, closed or garbage-collected."""
+    """Yield what ``source`` (a ``FollowCore`` or ``FrameSource``) gives, with blocking
+    I/O: the items ``poll()`` has ready, else a blocking ``wait()`` or the
+    ``next_items()`` plan, until it says the end (``None``); ``source.close()`` when
+    done, closed or garbage-collected."""
     try:
-        while (items := run(ctx, source.next_items())) is not None:
-            yield from items
+        while True:
+            step = source.poll()
+            if isinstance(step, list):
+                yield from step
+            elif isinstance(step, float):
+                source.wait(step)
+            elif step is None or (items := run(ctx, source.next_items())) is None:
+                return
+            else:
+                yield from items
     finally:
         source.close()
-

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import itertools
 import json
 import math
@@ -32,7 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from flexisync._codec import MAX_DEPTH, dumps, loads
 from flexisync._core.plan import Call, Plan, Signal, Subscribe
@@ -51,6 +52,13 @@ _ENVELOPE_VERSION = 1
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 """Default ``max_bytes`` of a subscription's queue: 64 MiB of messages as received."""
 _HOST = socket.gethostname()
+
+class _Empty(enum.Enum):
+    EMPTY = 0
+
+
+#: What :meth:`SubscriptionCore._take_event` returns when nothing is queued.
+EMPTY: Final = _Empty.EMPTY
 
 #: A message as received: (channel, payload, arrival time); decoded when consumed.
 Message = tuple[str, bytes, float]
@@ -371,18 +379,26 @@ class SubscriptionCore:
         (None: no limit) whenever the queue is empty; returns the event, or None at the
         deadline or once closed. Invalid messages are counted and skipped."""
         while True:
+            event = self._take_event()
+            if event is not EMPTY:
+                return event
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            yield remaining
+
+    def _take_event(self) -> Event | Literal[_Empty.EMPTY] | None:
+        """Without waiting: the next event; None once closed; :data:`EMPTY` when the
+        queue is empty (``_ready`` is then clear: the next enqueue sets it). Invalid
+        messages are counted and skipped. The fast path of every ``get``."""
+        while True:
             with self._cond:
                 message = self._take_ready()
                 if message is None:
                     if self._closed:
                         return None
                     self._ready.clear()  # the queue is empty: the next enqueue sets it
-            if message is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                yield remaining
-                continue
+                    return EMPTY
             event = self._decode(message)
             if event is not None:
                 return event
@@ -469,10 +485,14 @@ class SubscriptionCore:
                 while len(queue) > self.maxsize or self._bytes > self.max_bytes:
                     self._bytes -= len(queue.popleft()[1])
                     self._dropped += 1
+            # Already set: nobody waits (a waiter returns at once on a set flag) and
+            # nobody can clear it before taking this message (clearing needs an empty
+            # queue, seen under this lock), so a burst wakes consumers once.
+            wake = not oversize and not self._ready.is_set()
         if oversize:
             self._bus._log.warning("events.message_too_large", topic=self.topic,
                                    size=size, max_bytes=self.max_bytes)
-        else:
+        elif wake:
             self._ready.set()
 
     def _after_fork(self) -> None:

@@ -15,19 +15,28 @@ Exactly once, in order, no gap: a follower (:class:`FollowCore`) registers with 
 reader BEFORE it replays from its resume point; every batch says which id it follows
 (``after``), so a follower takes a batch only when it continues what the follower has
 yielded (dropping ids it already has) and otherwise re-reads from its own position
-through the resume-point checks (which is also how trimming is detected). Followers
-wait on a :class:`~flexisync._core.plan.Signal`: threads block on it, coroutines await
-it (woken with ``loop.call_soon_threadsafe``).
+through the resume-point checks (which is also how trimming is detected).
+
+The live path is cheap per follower, since one append may have to reach thousands of
+them: a follower waits on its :class:`Member` (threads on a condition, coroutines on a
+future); the reader wakes the waiting coroutines of one event loop with ONE
+``loop.call_soon_threadsafe`` per batch; a coroutine's timeout is one timer kept across
+waits (re-armed only when it would fire too late); :meth:`FollowCore.poll` hands over
+what is queued without any plan, step or await; and a batch renders each entry once for
+every follower that asks for the same rendering (:meth:`Batch.rendered`: an SSE
+frame is encoded once per entry, not once per client).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from flexisync._core.plan import Plan, Signal, Sleep, Step, Wait, run
 from flexisync._core.streams import (
@@ -47,7 +56,8 @@ if TYPE_CHECKING:
     from flexisync._core.events import Event
     from flexisync._listener import Registration
 
-__all__ = ["SAFETY_POLL", "Batch", "FollowCore", "Member", "StreamReader", "reader_of"]
+__all__ = ["NEEDS_IO", "SAFETY_POLL", "Batch", "FollowCore", "Member", "Render",
+           "StreamReader", "reader_of"]
 
 #: Seconds between the reader's safety re-fetches of every followed stream.
 SAFETY_POLL = 5.0
@@ -60,39 +70,101 @@ _STOP_POLL = 1.0  # with a stop event, wait at most this long between checks of 
 
 #: One decoded entry: its id and the event (or why it does not decode).
 Item = tuple[str, "Event | DecodeError"]
+#: Renders one entry for a follower: ``render(stream name, entry id, event or error)``.
+#: Must be a pure function of its arguments (its results are shared by followers).
+Render = Callable[[str, str, "Event | DecodeError"], Any]
+
+
+class _NeedsIO:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEEDS_IO"
+
+
+#: What :meth:`FollowCore.poll` returns when the next items need I/O (joining the
+#: reader, a replay read, an outage's pause): run :meth:`FollowCore.next_items`.
+NEEDS_IO: Final = _NeedsIO()
 
 
 class _Stop(Protocol):
     def is_set(self) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
 class Batch:
     """Entries the reader fetched: every entry with an id after ``after``, in order.
 
     ``after is None`` means the reader lost continuity (a trim, an outage, an
-    overflowing follower): re-read from your own position.
+    overflowing follower): re-read from your own position. One batch is shared by
+    every follower of the stream in the process; treat it as immutable.
     """
 
-    after: str | None
-    items: tuple[Item, ...]
+    __slots__ = ("_memo", "after", "events", "items")
+
+    def __init__(self, after: str | None, items: tuple[Item, ...]) -> None:
+        self.after = after
+        self.items = items
+        self._memo: tuple[Render, tuple[Any, ...]] | None = None
+        #: The items' events, when every item decodes (else ``None``).
+        self.events: tuple[Event, ...] | None = tuple(
+            value for _, value in items if not isinstance(value, DecodeError))
+        if len(self.events) != len(items):
+            self.events = None
+
+    def rendered(self, render: Render, name: str) -> tuple[Any, ...]:
+        """``render(name, id, value)`` of every item, in order, computed once per batch
+        for the same ``render`` (racing threads may both compute it: same result)."""
+        memo = self._memo
+        if memo is not None and memo[0] is render:
+            return memo[1]
+        out = tuple(render(name, entry_id, value) for entry_id, value in self.items)
+        self._memo = (render, out)
+        return out
+
+
+async def _sleep0() -> None:
+    """Let the event loop run once (a follower with no place at the reader: the
+    caller looks again)."""
+    await asyncio.sleep(0)
+
+
+def _wake(futures: list[asyncio.Future[None]]) -> None:
+    """Resolve waiting followers' futures (in their event loop, one callback a batch)."""
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 class Member:
-    """One follower's place at the reader: its batches and the signal that wakes it."""
+    """One follower's place at the reader: its queued batches, and its waiter.
 
-    __slots__ = ("_batches", "_count", "_lock", "alive", "entry", "signal")
+    A follower waits in :meth:`wait` (a thread) or :meth:`wait_async` (a coroutine)
+    until a batch is queued, the place dies, or the timeout passes. :meth:`deliver`
+    returns the future of a waiting coroutine instead of waking it, so that the reader
+    wakes every coroutine of one event loop with one ``call_soon_threadsafe``.
+    """
+
+    __slots__ = ("_batches", "_cond", "_count", "_lock", "_sleepers", "_timer",
+                 "_timer_loop", "_waiter", "alive", "entry")
 
     def __init__(self, entry: _Entry) -> None:
         self.entry = entry
-        self.signal = Signal()
         self.alive = True
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0  # threads blocked in wait()
+        self._waiter: asyncio.Future[None] | None = None  # a coroutine in wait_async()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._batches: deque[Batch] = deque()
         self._count = 0
 
-    def deliver(self, batch: Batch) -> None:
-        """Queue ``batch`` (reader thread); past :data:`MEMBER_MAX`, ask for a re-read."""
+    def deliver(self, batch: Batch) -> asyncio.Future[None] | None:
+        """Queue ``batch`` (reader thread); past :data:`MEMBER_MAX`, ask for a re-read.
+
+        Wakes a waiting thread; returns a waiting coroutine's future for the caller to
+        resolve in its event loop (see :func:`_wake`), else ``None``.
+        """
         with self._lock:
             if self._count + len(batch.items) > MEMBER_MAX:
                 self._batches.clear()
@@ -100,12 +172,16 @@ class Member:
                 batch = Batch(None, ())
             self._batches.append(batch)
             self._count += len(batch.items)
-        self.signal.set()
+            if self._sleepers:
+                self._cond.notify_all()
+            waiter, self._waiter = self._waiter, None
+        return waiter
 
     def take(self) -> list[Batch]:
-        """Every queued batch, oldest first; clears the signal first (no lost wake-up)."""
+        """Every queued batch, oldest first (``[]`` when none)."""
+        if not self._batches:  # a batch queued right now is seen by the next wait
+            return []
         with self._lock:
-            self.signal.clear()
             batches = list(self._batches)
             self._batches.clear()
             self._count = 0
@@ -113,8 +189,64 @@ class Member:
 
     def kill(self) -> None:
         """Mark this place gone (Context closed, fork) and wake the follower."""
-        self.alive = False
-        self.signal.set()
+        with self._lock:
+            self.alive = False
+            if self._sleepers:
+                self._cond.notify_all()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                waiter.get_loop().call_soon_threadsafe(_wake, [waiter])
+
+    def wait(self, timeout: float) -> None:
+        """Block until a batch is queued, the place dies, or ``timeout`` seconds pass
+        (may return early: the caller looks again)."""
+        with self._cond:
+            if self._batches or not self.alive or timeout <= 0:
+                return
+            self._sleepers += 1
+            try:
+                self._cond.wait(timeout)
+            finally:
+                self._sleepers -= 1
+
+    def wait_async(self, timeout: float) -> asyncio.Future[None]:
+        """:meth:`wait` for a coroutine: a future to await (done at once when a batch
+        is queued or the place died). Its timeout is one timer per member, kept across
+        waits (re-armed only when it would fire too late), so it may end early.
+
+        A future, not a coroutine: nothing else stays alive while thousands of
+        followers wait. Cancelling the task awaiting it cancels the future, which
+        :meth:`deliver` and the timer then pass over: nothing is left behind.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._batches or not self.alive or timeout <= 0:
+                future.set_result(None)
+                return future
+            self._waiter = future
+        due = loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > due or self._timer_loop is not loop:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(due, self._ring)
+            self._timer_loop = loop
+        return future
+
+    def _ring(self) -> None:
+        """The timer fired (in its loop): wake the coroutine waiting there, if any."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and waiter.get_loop() is self._timer_loop:
+            waiter.set_result(None)
+
+    def release(self) -> None:
+        """Cancel the timer (the follower left; call it from the timer's loop)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
 
 class _Read:
@@ -426,10 +558,23 @@ class StreamReader:
             self.mark(entry)
 
     def _fan_out(self, entry: _Entry, batch: Batch) -> None:
+        """Queue ``batch`` for every follower of ``entry``; wake the waiting coroutines
+        of each event loop with one ``call_soon_threadsafe``."""
         with self._cond:
             members = tuple(entry.members)
+        wake: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for member in members:
-            member.deliver(batch)
+            future = member.deliver(batch)
+            if future is not None:
+                loop = future.get_loop()
+                futures = wake.get(loop)
+                if futures is None:
+                    wake[loop] = [future]
+                else:
+                    futures.append(future)
+        for loop, futures in wake.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_wake, futures)
 
 
 def reader_of(ctx: Context) -> StreamReader:
@@ -442,17 +587,21 @@ FollowItem = Any
 
 
 class FollowCore:
-    """One ``follow()``: its position, its place at the reader, its outage; as plans.
+    """One ``follow()``: its position, its place at the reader, its outage.
 
-    :meth:`next_items` is a plan returning the next non-empty list of items to yield
-    (events; :class:`Skipped` entries with ``skip_invalid``; ``None`` after ``idle``
-    seconds without one), or ``None`` when the follow is over. :meth:`close` (no I/O,
-    safe anywhere) frees the follower's place at the reader.
+    Driven by a shell in a loop: :meth:`poll` (no I/O, nothing awaited) returns the
+    next non-empty list of items to yield (events; :class:`Skipped` entries with
+    ``skip_invalid``, or what ``render`` makes of each entry; ``None`` after ``idle``
+    seconds without one), ``None`` when the follow is over, a number of seconds to
+    :meth:`wait` / :meth:`wait_async` for the live tail, or :data:`NEEDS_IO`: then the
+    plan :meth:`next_items` (which loops on :meth:`poll` itself) gives the next items.
+    :meth:`close` (no I/O, safe anywhere) frees the follower's place at the reader.
     """
 
     def __init__(self, core: StreamCore, after: str | None, timeout: float | None,
                  until: Callable[[Event], bool] | None, *, idle: float | None = None,
-                 stop: _Stop | None = None, skip_invalid: bool = False) -> None:
+                 stop: _Stop | None = None, skip_invalid: bool = False,
+                 render: Render | None = None) -> None:
         self.core = core
         self.last = after
         self.timeout = timeout
@@ -460,6 +609,7 @@ class FollowCore:
         self.idle = idle
         self.stop = stop
         self.skip_invalid = skip_invalid
+        self.render = render
         self.policy = core.ctx.backend.retry
         self.grace = min(_GRACE, self.policy.deadline / 2)
         self.last_event = self.last_tick = time.monotonic()
@@ -475,43 +625,75 @@ class FollowCore:
         """Leave the reader (idempotent, no I/O)."""
         member, self.member = self.member, None
         if member is not None:
+            member.release()
             reader_of(self.core.ctx).leave(member)
 
     def ends(self) -> float | None:
         """When the ``timeout`` runs out (``time.monotonic()``), or ``None``."""
         return None if self.timeout is None else self.last_event + self.timeout
 
+    def poll(self) -> list[FollowItem] | float | _NeedsIO | None:
+        """The next step, without I/O: items to yield now, seconds to wait for the live
+        tail, :data:`NEEDS_IO`, or ``None`` (the follow is over).
+
+        Raises what ``Stream.follow`` documents (a pending decode error; the outage a
+        timeout ran out in).
+        """
+        while not self.done:
+            now = time.monotonic()
+            if ((self.pending is not None or self.stop is not None
+                 or self.timeout is not None) and self._over(now)):
+                return None
+            if self.idle is not None and now >= self.last_tick + self.idle:
+                self.last_tick = now
+                return [None]
+            member = self.member
+            items = (None if member is None or not member.alive or not self.caught_up
+                     else self._take_live(member))
+            if items is None:
+                return NEEDS_IO
+            if items:
+                return items
+            if self.pending is None:
+                return self._wait_time(now, self.ends())
+            # else: _over raises it, now that nothing comes before it
+        return None
+
+    def wait(self, seconds: float) -> None:
+        """Block for the live tail (:meth:`poll` said how long; may return early)."""
+        member = self.member
+        if member is not None:
+            member.wait(seconds)
+
+    def wait_async(self, seconds: float) -> Awaitable[None]:
+        """Await the live tail (:meth:`poll` said how long; may return early)."""
+        member = self.member
+        return _sleep0() if member is None else member.wait_async(seconds)
+
     def next_items(self) -> Plan[list[FollowItem] | None]:
         """Plan: the next items to yield, or ``None`` when the follow is over.
 
         Raises what ``Stream.follow`` documents.
         """
-        while not self.done:
+        while True:
+            step = self.poll()
+            if step is None or isinstance(step, list):
+                return step
+            if isinstance(step, float):
+                yield _Idle(self, step)
+                continue
             now = time.monotonic()
-            if self._over(now):
-                return None
-            if self.idle is not None and now >= self.last_tick + self.idle:
-                self.last_tick = now
-                return [None]
-            ends = self.ends()
             try:
                 member = self.member
                 if member is None or not member.alive:
                     yield from self._join()
                     continue
-                if not self.caught_up:
-                    items = yield from self._replay(now, ends)
-                else:
-                    items = self._take_live(member)
-                    if not items and self.caught_up:
-                        yield Wait(member.signal, self._wait_time(now, ends))
-                        continue
+                items = yield from self._replay(now, self.ends())
             except BackendUnavailable as exc:
                 yield from self._outage(exc)
                 continue
             if items:
                 return items
-        return None
 
     def _over(self, now: float) -> bool:
         """Whether the follow ends now (stop set, or timed out with Redis answering);
@@ -565,17 +747,28 @@ class FollowCore:
         self.verified = self.caught_up and ends is not None and now >= ends
         return items
 
-    def _take_live(self, member: Member) -> list[FollowItem]:
-        """What the reader fetched since, continuing exactly after ``last``."""
+    def _take_live(self, member: Member) -> list[FollowItem] | None:
+        """What the reader fetched since, continuing exactly after ``last``; ``None``
+        when that is nothing and what was queued does not continue ``last`` (then
+        ``caught_up`` is cleared: re-read from Redis)."""
         items: list[FollowItem] = []
         for batch in member.take():
-            if batch.after is None or id_key(self.last) < id_key(batch.after):
+            start = self._start_of(batch)
+            if start is None:
                 self.caught_up = False  # not a continuation: re-read from Redis
                 break
-            for entry_id, value in batch.items:
-                if id_key(entry_id) <= id_key(self.last):
-                    continue  # already yielded (by the replay)
-                self._accept(entry_id, value, items)
+            rendered = (None if self.render is None
+                        else batch.rendered(self.render, self.core.name))
+            whole = self._whole(batch, rendered)
+            if whole is not None:  # the common case: no call per entry
+                if start < len(batch.items):
+                    items.extend(whole[start:] if start else whole)
+                    self.last = batch.items[-1][0]
+                continue
+            for index in range(start, len(batch.items)):
+                entry_id, value = batch.items[index]
+                self._accept(entry_id, value, items,
+                             None if rendered is None else rendered[index])
                 if self.done or self.pending is not None:
                     break
             if self.done or self.pending is not None:
@@ -583,20 +776,51 @@ class FollowCore:
         if items:
             self.last_event = self.last_tick = time.monotonic()
             self.verified = False
+        elif not self.caught_up:
+            return None
         return items
 
+    def _start_of(self, batch: Batch) -> int | None:
+        """Index of ``batch``'s first item after ``last`` (``None``: it does not
+        continue ``last``: there may be a gap)."""
+        after = batch.after
+        if after == self.last:
+            return 0
+        if after is None or id_key(self.last) < id_key(after):
+            return None
+        last = id_key(self.last)
+        start = 0
+        while start < len(batch.items) and id_key(batch.items[start][0]) <= last:
+            start += 1  # already yielded (by the replay)
+        return start
+
+    def _whole(self, batch: Batch, rendered: tuple[Any, ...] | None,
+               ) -> tuple[Any, ...] | None:
+        """Every item of ``batch`` as this follower yields it, when no entry needs a
+        look of its own (no ``until``; nothing to raise); else ``None``."""
+        if self.until is not None:
+            return None
+        if rendered is None:
+            return batch.events
+        return rendered if self.skip_invalid or batch.events is not None else None
+
     def _accept(self, entry_id: str, value: Event | DecodeError,
-                items: list[FollowItem]) -> None:
-        if isinstance(value, DecodeError):
-            if not self.skip_invalid:
-                self.pending = value  # raised once the items before it are yielded
-                return
-            self.last = entry_id
-            items.append(Skipped(entry_id, value))
+                items: list[FollowItem], rendered: Any = None) -> None:
+        """Take one entry after ``last``: append it (or ``rendered``, or its rendering)
+        to ``items``, or note the decode error to raise once ``items`` are yielded."""
+        if isinstance(value, DecodeError) and not self.skip_invalid:
+            self.pending = value  # raised once the items before it are yielded
             return
-        items.append(value)
+        if self.render is not None:
+            items.append(self.render(self.core.name, entry_id, value)
+                         if rendered is None else rendered)
+        elif isinstance(value, DecodeError):
+            items.append(Skipped(entry_id, value))
+        else:
+            items.append(value)
         self.last = entry_id
-        if self.until is not None and self.until(value):
+        if (self.until is not None and not isinstance(value, DecodeError)
+                and self.until(value)):
             self.done = True
 
     def _wait_time(self, now: float, ends: float | None) -> float:
@@ -628,3 +852,17 @@ class FollowCore:
         if self.stop is not None:
             pause = min(pause, _STOP_POLL)
         yield Sleep(pause)
+
+
+@dataclass(slots=True, eq=False)
+class _Idle(Step):
+    """Wait for the live tail of ``follow`` up to ``seconds`` (may end early)."""
+
+    follow: FollowCore
+    seconds: float
+
+    def run(self, ctx: Context) -> None:  # noqa: ARG002
+        self.follow.wait(self.seconds)
+
+    async def arun(self, ctx: Context) -> None:  # noqa: ARG002
+        await self.follow.wait_async(self.seconds)

@@ -23,6 +23,7 @@ from typing import Any
 
 from flexisync._core.events import (
     DEFAULT_MAX_BYTES,
+    EMPTY,
     BusCore,
     Event,
     SubscriptionCore,
@@ -174,7 +175,13 @@ class AsyncSubscription(SubscriptionCore):
         return await self._next(self._deadline(timeout))
 
     async def _next(self, deadline: float | None) -> Event | None:
-        """Run the core's wait plan, awaiting while it waits (on any event loop)."""
+        """Run the core's wait plan, awaiting while it waits (on any event loop).
+
+        Fast path: an event already queued is returned without suspending (no plan,
+        no future, no timer)."""
+        event = self._take_event()
+        if event is not EMPTY:
+            return event
         pull = self._pull(deadline)
         try:
             while True:

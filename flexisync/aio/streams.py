@@ -72,11 +72,22 @@ class AsyncStream(StreamShell):
 
 
 async def aiterate(ctx: Context, source: Any) -> AsyncGenerator[Any, None]:
-    """Yield the items of ``source.next_items()`` plans run with ``await`` until it
-    returns ``None``; ``source.close()`` when done, closed, cancelled or collected."""
+    """Yield what ``source`` (a ``FollowCore`` or ``FrameSource``) gives, with
+    ``await``: the items ``poll()`` has ready (nothing awaited), else ``await
+    wait_async()`` or the ``next_items()`` plan, until it says the end (``None``);
+    ``source.close()`` when done, closed, cancelled or collected."""
     try:
-        while (items := await arun(ctx, source.next_items())) is not None:
-            for item in items:
-                yield item
+        while True:
+            step = source.poll()
+            if isinstance(step, list):
+                for item in step:
+                    yield item
+            elif isinstance(step, float):
+                await source.wait_async(step)
+            elif step is None or (items := await arun(ctx, source.next_items())) is None:
+                return
+            else:
+                for item in items:
+                    yield item
     finally:
         source.close()
