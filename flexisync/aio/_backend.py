@@ -80,6 +80,12 @@ def async_client_factory(client: Any) -> Callable[[], Any]:
     accepted = _accepted(cls)
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in accepted}
     kwargs["retry"] = AsyncRetry(NoBackoff(), 0)  # retries happen in AsyncBackend.call
+    # No per-socket timeout: every await of a command is bounded by AsyncBackend.call's
+    # one wall-clock timeout (the call's deadline). With a socket_timeout, redis.asyncio
+    # wraps each send in asyncio.wait_for, which costs a task per command (~25 µs a
+    # call) and, before Python 3.12, can swallow a cancellation landing as the write
+    # completes. Connecting keeps its own socket_connect_timeout.
+    kwargs["socket_timeout"] = None
 
     def build() -> Any:
         # The number of connections is bounded by AsyncBackend's per-loop semaphore (a
