@@ -33,7 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/state.py
-	@for b in locks events breaker aio sse; do \
+	@for b in locks semaphores rate_limiter events breaker aio sse; do \
 	  if [ -f benchmarks/$$b.py ]; then $(BIN)/python benchmarks/$$b.py || exit 1; fi; done
 
 clean:

@@ -32,10 +32,16 @@ from flexisync.errors import (
     LockLostError,
     LockNotOwnedError,
     LockTimeout,
+    RateLimitTimeout,
+    SemaphoreLostError,
+    SemaphoreNotHeldError,
+    SemaphoreTimeout,
     UnknownResumePoint,
 )
 from flexisync.events import Event, EventBus, Subscription, SubscriptionStats
 from flexisync.locks import Lock, LockInfo
+from flexisync.rate_limiter import RateLimiter, Reservation
+from flexisync.semaphores import Semaphore, SemaphoreInfo
 from flexisync.state import StateStore
 from flexisync.streams import Stream
 
@@ -55,6 +61,10 @@ __all__ = [
     "EventBus",
     "Lock",
     "LockInfo",
+    "RateLimiter",
+    "Reservation",
+    "Semaphore",
+    "SemaphoreInfo",
     "StateStore",
     "Stream",
     "Subscription",
@@ -71,6 +81,10 @@ __all__ = [
     "LockLostError",
     "LockNotOwnedError",
     "LockTimeout",
+    "RateLimitTimeout",
+    "SemaphoreLostError",
+    "SemaphoreNotHeldError",
+    "SemaphoreTimeout",
     "UnknownResumePoint",
 ]
 

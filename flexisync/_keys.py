@@ -10,6 +10,11 @@ that every key of one object lands in one slot and its Lua scripts may touch the
     ns:lock:{name}:queue           fair-mode waiter queue (ZSET token -> arrival, us)
     ns:lock:{name}:queue:ttl       fair-mode waiter expiries (ZSET token -> server ms)
     ns:lock:name                   wake-up channel PUBLISHed by a lock's release
+    ns:sem:{name}                  a semaphore's holders (ZSET owner token -> lease expiry, ms)
+    ns:sem:{name}:queue            its FIFO waiter queue (ZSET token -> arrival, us)
+    ns:sem:{name}:queue:ttl        its waiter expiries (ZSET token -> server ms)
+    ns:sem:{name}:done:<id>        "token <id> released / given up" marker (a few seconds)
+    ns:sem:name                    wake-up channel PUBLISHed by a semaphore's release
     ns:events:topic                pub/sub channel of a topic (a channel, not a key)
     ns:stream:{name}               a Stream (XADD log)
     ns:breaker:{name}              a breaker's shared state (HASH: state, version, epoch...)

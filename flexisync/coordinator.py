@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from flexisync.breaker import CircuitBreaker
     from flexisync.events import EventBus
     from flexisync.locks import Lock
+    from flexisync.rate_limiter import RateLimiter
+    from flexisync.semaphores import Semaphore
     from flexisync.state import StateStore
     from flexisync.streams import Stream
 
@@ -199,6 +201,20 @@ class Coordinator:
         return Lock(self._ctx, validate_name(name, "lock name"), ttl=seconds(ttl, "ttl"),
                     timeout=optional_seconds(timeout, "timeout", allow_zero=True),
                     auto_renew=auto_renew, fair=fair, on_lost=on_lost)
+
+    def semaphore(self, name: str, limit: int, *, lease: Duration = 60.0,
+                  timeout: Duration | None = None) -> Semaphore:
+        """A fleet-wide :class:`~flexisync.semaphores.Semaphore`. See that class."""
+        from flexisync.semaphores import Semaphore  # noqa: PLC0415
+
+        return Semaphore(self._ctx, name, limit, lease=lease, timeout=timeout)
+
+    def rate_limiter(self, name: str, rate: float, *, per: Duration = 60.0,
+                     burst: float | None = None) -> RateLimiter:
+        """A fleet-wide :class:`~flexisync.rate_limiter.RateLimiter`. See that class."""
+        from flexisync.rate_limiter import RateLimiter  # noqa: PLC0415
+
+        return RateLimiter(self._ctx, name, rate, per=per, burst=burst)
 
     @property
     def events(self) -> EventBus:

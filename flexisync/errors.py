@@ -11,7 +11,11 @@ The tree::
     ├── LockError
     │   ├── LockTimeout (also TimeoutError)
     │   ├── LockNotOwnedError              release/extend of a lock this Lock does not hold
-    │   └── LockLostError                  the lease lapsed or was taken away while held
+    │   ├── LockLostError                  the lease lapsed or was taken away while held
+    │   ├── SemaphoreTimeout (a LockTimeout)        no semaphore slot within the timeout
+    │   ├── SemaphoreNotHeldError (a LockNotOwnedError) release/extend without a slot
+    │   └── SemaphoreLostError (a LockLostError)    a slot's lease ran out while held
+    ├── RateLimitTimeout (also TimeoutError) a rate limiter cannot admit within the timeout
     └── EventsTrimmed                      a resume point older than what the stream retains
         └── UnknownResumePoint             a resume point the stream never issued
 
@@ -34,6 +38,10 @@ __all__ = [
     "LockLostError",
     "LockNotOwnedError",
     "LockTimeout",
+    "RateLimitTimeout",
+    "SemaphoreLostError",
+    "SemaphoreNotHeldError",
+    "SemaphoreTimeout",
     "UnknownResumePoint",
 ]
 
@@ -138,6 +146,59 @@ class LockLostError(LockError):
 
     def __init__(self, name: str) -> None:
         super().__init__(name, f"lock {name!r} was lost: its lease is no longer held")
+
+
+class SemaphoreTimeout(LockTimeout):
+    """No slot of the semaphore was free within ``timeout`` seconds (``with sem:``).
+
+    A :class:`LockTimeout` (and a ``TimeoutError``). Attributes: ``name``, ``timeout``.
+    """
+
+    def __init__(self, name: str, timeout: float | None) -> None:
+        self.timeout = timeout
+        LockError.__init__(self, name, f"semaphore {name!r}: no slot free within {timeout}s")
+
+
+class SemaphoreNotHeldError(LockNotOwnedError):
+    """``release()``/``extend()`` of a semaphore object that holds no slot, or whose
+    slot's lease had run out. A :class:`LockNotOwnedError`. Attributes: ``name``,
+    ``reason``."""
+
+    def __init__(self, name: str, reason: str = "holds no slot") -> None:
+        self.reason = reason
+        LockError.__init__(self, name, f"semaphore {name!r} {reason}")
+
+
+class SemaphoreLostError(LockLostError):
+    """A slot's lease ran out inside ``with sem:`` (the slot may have gone to another
+    holder). A :class:`LockLostError`. Attributes: ``name``."""
+
+    def __init__(self, name: str) -> None:
+        LockError.__init__(self, name, f"semaphore {name!r}: a slot's lease ran out "
+                                       "while it was held")
+
+
+class RateLimitTimeout(FlexiSyncError, TimeoutError):
+    """``acquire(cost, timeout=...)`` would have to wait longer than ``timeout``.
+
+    Raised at once, without waiting: the limiter's answer says how long admission would
+    take, and nothing was reserved.
+
+    Attributes:
+        name: the rate limiter's name.
+        cost: the cost that was asked for.
+        timeout: the longest wait accepted, seconds.
+        retry_after: seconds the wait would have been when asked.
+    """
+
+    def __init__(self, name: str, cost: float, timeout: float, retry_after: float) -> None:
+        self.name = name
+        self.cost = cost
+        self.timeout = timeout
+        self.retry_after = retry_after
+        super().__init__(
+            f"rate limiter {name!r} cannot admit cost {cost:g} within {timeout:g}s "
+            f"(it would take {retry_after:.3f}s)")
 
 
 class EventsTrimmed(FlexiSyncError):

@@ -52,8 +52,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flexisync._core.lock_runtime import LockRuntime, Wakeups, runtime
-from flexisync._core.plan import Call, Plan, Script, Subscribe, Wait, run
+from flexisync._core.lock_runtime import LockRuntime, runtime
+from flexisync._core.plan import Call, Plan, Script, run
+from flexisync._core.waiting import wait_for_turn
 from flexisync._durations import Duration, seconds, to_ms
 from flexisync._log import get_logger
 from flexisync.errors import (
@@ -266,80 +267,15 @@ class LockCore:
             _logger().info("lock.abandoned", lock=self.name,
                            reason="an acquire whose outcome was unknown had set the lease")
 
-    def _leave_queue(self, token: str) -> Plan[None]:
-        if self.fair:
-            yield from self._abandon(token)
-
     def _wait(self, token: str, deadline: float | None) -> Plan[bool]:
-        """Wait for a wake-up, re-attempting; the subscription precedes every attempt."""
-        rt = self._runtime
-        try:
-            wakeups = rt.join()
-        except BackendUnavailable:
-            yield from self._leave_queue(token)
-            raise
-        refresh = QUEUE_ENTRY_TTL / 3 if self.fair else _MAX_SLEEP
-        mine = token.encode()
-        acquired = attempting = False
-        try:
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            try:
-                wakeups.registration = yield Subscribe("channel", self._channel,
-                                                       wakeups.on_message, timeout)
-            except BackendUnavailable:
-                yield from self._leave_queue(token)
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False  # the wait ran out while subscribing: a plain timeout
-                raise
-            attempt, recheck = True, 0.0
-            while True:
-                seen = wakeups.snapshot()[0]
-                if attempt and not rt.stopping:
-                    attempting = True
-                    acquired, pttl = yield from self._attempt(token, True, deadline)
-                    attempting = False
-                    if acquired:
-                        return True
-                    # Re-attempt when the holder's lease runs out (a crashed holder
-                    # publishes nothing), and in fair mode often enough to keep our
-                    # queue entry alive.
-                    sleep = refresh if pttl <= 0 else min(refresh, pttl / 1000 + 0.001)
-                    recheck = time.monotonic() + sleep
-                yield from self._sleep(wakeups, seen,
-                                       recheck if deadline is None else min(recheck, deadline))
-                seq, data = wakeups.snapshot()
-                woke = seq != seen
-                # Fair mode: the release named another waiter as the next holder.
-                named_other = self.fair and seq == seen + 1 and data not in (b"", mine)
-                now = time.monotonic()
-                if rt.stopping:
-                    raise BackendUnavailable(self._ctx.address,
-                                             reason="the Coordinator was closed")
-                if not woke and deadline is not None and now >= deadline:
-                    yield from self._leave_queue(token)
-                    return False
-                attempt = not (woke and named_other and now < recheck)
-        except GeneratorExit:
-            # Cancelled (asyncio) or dropped: an attempt in flight is undone by its own
-            # step; otherwise leave the fair queue in the background.
-            if self.fair and not attempting:
-                self._ctx.janitor(self._abandon(token, True))
-            raise
-        finally:
-            parked = rt.leave(wakeups, acquired=acquired)
-            if parked is not None:
-                self._park(parked)
-
-    def _sleep(self, wakeups: Wakeups, seen: int, limit: float) -> Plan[None]:
-        """Wait until a wake-up newer than ``seen``, the runtime stops, or ``limit``."""
-        while not self._runtime.stopping:
-            wakeups.signal.clear()
-            if wakeups.snapshot()[0] != seen:
-                return
-            now = time.monotonic()
-            if now >= limit:
-                return
-            yield Wait(wakeups.signal, limit - now)
+        """Wait for a release's wake-up, re-attempting (:mod:`flexisync._core.waiting`);
+        the wait that acquires keeps its wake-up handler until the release."""
+        return (yield from wait_for_turn(
+            self._ctx, self._runtime, self._channel, token, deadline=deadline,
+            refresh=QUEUE_ENTRY_TTL / 3 if self.fair else _MAX_SLEEP,
+            attempt=functools.partial(self._attempt, token, True, deadline),
+            leave=functools.partial(self._abandon, token) if self.fair else None,
+            keep=self._park))
 
     def _park(self, registration: Registration) -> None:
         """Keep the wake-up handler of the wait that acquired until this lock releases

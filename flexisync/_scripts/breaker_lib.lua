@@ -1,7 +1,9 @@
 -- breaker_lib: helpers included by every other breaker_*.lua script (never run alone).
 -- Every breaker script takes the same keys:
 -- KEYS[1]  the breaker's state HASH: state, version, epoch, failures, open_until,
---          open_ms, opened_at, probe_ok, trips, changed_at
+--          open_ms (the backoff period: recovery_timeout, doubled by each failed probe
+--          without a retry-after), period_ms (the length of the open period running:
+--          open_until - opened_at), opened_at, probe_ok, trips, changed_at
 -- KEYS[2]  the failure-rate window HASH: "<bucket>:s" / "<bucket>:f" -> counts
 -- KEYS[3]  the half-open probe leases ZSET: token -> lease expiry (server ms)
 -- and ARGV[1] is always the channel transitions are PUBLISHed on.
@@ -25,7 +27,8 @@ local LIMIT = 1e13
 local STATES = {closed = true, open = true, half_open = true, forced_open = true,
                 disabled = true}
 local INTEGER_FIELDS = {version = true, failures = true, open_until = true, open_ms = true,
-                        opened_at = true, probe_ok = true, trips = true, changed_at = true}
+                        period_ms = true, opened_at = true, probe_ok = true, trips = true,
+                        changed_at = true}
 
 -- Errors are raised as strings (a table is not understood by every server flexisync
 -- supports, e.g. fakeredis for memory://).
@@ -183,18 +186,23 @@ local function publish(before)
   return s
 end
 
--- Open now for at least `ms`; never shortens an open period already running.
+-- Open now for `ms` (period_ms records the open period's real length); never shortens
+-- an open period already running (extending one lengthens period_ms).
 -- Returns true when the state changed (the caller publishes).
 local function open_for(ms)
   local st = get('state', 'closed')
   if st == 'forced_open' or st == 'disabled' then return false end
   local target = NOW + ms
   if st == 'open' and num('open_until', 0) >= target then return false end
+  local opened_at = NOW
   if st ~= 'open' then
     redis.call('HINCRBY', H, 'trips', 1)
     redis.call('HSET', H, 'opened_at', NOW)
+  else
+    opened_at = math.min(NOW, num('opened_at', NOW))
   end
-  redis.call('HSET', H, 'state', 'open', 'open_until', target, 'probe_ok', 0)
+  redis.call('HSET', H, 'state', 'open', 'open_until', target, 'probe_ok', 0,
+             'period_ms', target - opened_at)
   redis.call('DEL', P)
   return true
 end
@@ -202,7 +210,7 @@ end
 -- Back to closed with a clean slate (the next open period starts from recovery_timeout).
 local function close()
   redis.call('HSET', H, 'state', 'closed', 'failures', 0, 'probe_ok', 0)
-  redis.call('HDEL', H, 'open_ms', 'open_until')
+  redis.call('HDEL', H, 'open_ms', 'open_until', 'period_ms')
   redis.call('DEL', P, W)
 end
 

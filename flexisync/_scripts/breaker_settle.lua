@@ -1,7 +1,8 @@
 -- include: breaker_lib
 -- breaker_settle: the outcome of a half-open probe. success_threshold successful probes
--- close the breaker; a failed probe reopens it for twice the last open period (capped),
--- or for the provider's retry-after if that is longer.
+-- close the breaker; a failed probe reopens it for exactly the provider's retry-after
+-- when it carries one (the backoff period open_ms is left as it is), else for twice
+-- the backoff period (capped at max_recovery_timeout).
 -- (KEYS and ARGV[1] as in breaker_lib.lua.)
 -- ARGV[2]  probe token
 -- ARGV[3]  outcome: "ok", "fail" or "neutral" (an ignored exception: frees the slot)
@@ -33,9 +34,11 @@ if outcome == 'ok' then
   return publish(st)  -- closed, or a probe slot is free: waiting processes may ask again
 end
 if outcome == 'fail' then
-  local period = math.min(num('open_ms', recovery) * 2, longest)
-  redis.call('HSET', H, 'open_ms', period)
-  if retry_ms then period = math.max(period, retry_ms) end
+  local period = retry_ms
+  if not period then
+    period = math.min(num('open_ms', recovery) * 2, longest)
+    redis.call('HSET', H, 'open_ms', period)
+  end
   open_for(period)
   return publish(st)
 end

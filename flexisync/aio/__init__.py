@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from flexisync.aio.breaker import AsyncCircuitBreaker
     from flexisync.aio.events import AsyncEventBus, AsyncSubscription
     from flexisync.aio.locks import AsyncLock
+    from flexisync.aio.rate_limiter import AsyncRateLimiter, AsyncReservation
+    from flexisync.aio.semaphores import AsyncSemaphore
     from flexisync.aio.state import AsyncStateStore
     from flexisync.aio.streams import AsyncStream
 
@@ -27,6 +29,9 @@ __all__ = [
     "AsyncCoordinator",
     "AsyncEventBus",
     "AsyncLock",
+    "AsyncRateLimiter",
+    "AsyncReservation",
+    "AsyncSemaphore",
     "AsyncStateStore",
     "AsyncStream",
     "AsyncSubscription",
@@ -39,6 +44,9 @@ _LAZY = {
     "AsyncEventBus": "flexisync.aio.events",
     "AsyncSubscription": "flexisync.aio.events",
     "AsyncLock": "flexisync.aio.locks",
+    "AsyncRateLimiter": "flexisync.aio.rate_limiter",
+    "AsyncReservation": "flexisync.aio.rate_limiter",
+    "AsyncSemaphore": "flexisync.aio.semaphores",
     "AsyncStateStore": "flexisync.aio.state",
     "AsyncStream": "flexisync.aio.streams",
 }

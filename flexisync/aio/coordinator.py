@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from flexisync.aio.breaker import AsyncCircuitBreaker
     from flexisync.aio.events import AsyncEventBus
     from flexisync.aio.locks import AsyncLock
+    from flexisync.aio.rate_limiter import AsyncRateLimiter
+    from flexisync.aio.semaphores import AsyncSemaphore
     from flexisync.aio.state import AsyncStateStore
     from flexisync.aio.streams import AsyncStream
 
@@ -87,6 +89,22 @@ class AsyncCoordinator:
         return AsyncLock(self._ctx, validate_name(name, "lock name"), ttl=seconds(ttl, "ttl"),
                          timeout=optional_seconds(timeout, "timeout", allow_zero=True),
                          auto_renew=auto_renew, fair=fair, on_lost=on_lost)
+
+    def semaphore(self, name: str, limit: int, *, lease: Duration = 60.0,
+                  timeout: Duration | None = None) -> AsyncSemaphore:
+        """An :class:`~flexisync.aio.semaphores.AsyncSemaphore`; as
+        ``Coordinator.semaphore``."""
+        from flexisync.aio.semaphores import AsyncSemaphore  # noqa: PLC0415
+
+        return AsyncSemaphore(self._ctx, name, limit, lease=lease, timeout=timeout)
+
+    def rate_limiter(self, name: str, rate: float, *, per: Duration = 60.0,
+                     burst: float | None = None) -> AsyncRateLimiter:
+        """An :class:`~flexisync.aio.rate_limiter.AsyncRateLimiter`; as
+        ``Coordinator.rate_limiter``."""
+        from flexisync.aio.rate_limiter import AsyncRateLimiter  # noqa: PLC0415
+
+        return AsyncRateLimiter(self._ctx, name, rate, per=per, burst=burst)
 
     @property
     def events(self) -> AsyncEventBus:

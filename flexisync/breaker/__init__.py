@@ -35,11 +35,16 @@ Counting semantics:
 * A call slower than ``slow_call_duration`` counts as a failure (its result is still
   returned). An exception in ``ignore`` counts as nothing; one outside ``failure_on``
   counts as a success (the dependency answered); ``BaseException``s that are not
-  ``Exception`` (cancellation, ``KeyboardInterrupt``) count as nothing.
-* A failure whose exception carries a provider's retry-after (by default an attribute
-  ``retry_after`` in seconds; see ``retry_after_of``) opens the breaker at once for
-  exactly that long (at most :data:`MAX_DURATION`), or keeps a longer open period
-  already running.
+  ``Exception`` (cancellation, ``KeyboardInterrupt``) count as nothing. Then
+  ``outcome_of`` (default :func:`provider_outcome`) reads a provider's HTTP status:
+  408, 429, 5xx and overload are failures, any other 4xx counts as nothing.
+* A failure whose exception carries a provider's retry-after (by default
+  :func:`provider_retry_after`: ``exc.retry_after``, then the ``retry-after-ms``,
+  ``retry-after`` and rate-limit reset headers) opens the breaker at once for exactly
+  that long (at most :data:`MAX_DURATION`), also when it is a failed probe, and never
+  shortens a longer open period already running.
+* :func:`retrying` retries transient errors with backoff, honours the retry-after and
+  stops as soon as the breaker is open.
 
 Robustness:
 
@@ -76,6 +81,15 @@ from flexisync.breaker._policy import (
     duration,
     retry_after_attribute,
 )
+from flexisync.breaker._providers import (
+    Outcome,
+    error_type,
+    http_status,
+    provider_outcome,
+    provider_retry_after,
+    transient,
+)
+from flexisync.breaker._retry import Retrying, retrying
 from flexisync.breaker._sync import CircuitBreaker
 
 __all__ = [
@@ -84,10 +98,18 @@ __all__ = [
     "BreakerPolicy",
     "BreakerStats",
     "CircuitBreaker",
+    "Outcome",
+    "Retrying",
     "State",
     "breaker_info",
+    "error_type",
+    "http_status",
     "list_breakers",
+    "provider_outcome",
+    "provider_retry_after",
     "retry_after_attribute",
+    "retrying",
+    "transient",
 ]
 
 

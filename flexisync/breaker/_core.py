@@ -197,14 +197,17 @@ class BreakerCore(Mirror):
                  ) -> tuple[str, float | None]:
         """``("ok" | "fail" | "neutral", retry_after)`` for a call that ended with
         ``exc`` (None: returned). Cancellation and other non-``Exception``s are
-        neutral."""
+        neutral. Order: ``ignore``, then ``failure_on`` (outside: success), then the
+        policy's ``outcome_of`` (may turn a failure into "ignore" or "success")."""
         policy = self.policy
         if exc is None:
             outcome = "ok"
         elif isinstance(exc, policy.ignore):
             return "neutral", None
         elif isinstance(exc, policy.failure_on):
-            outcome = "fail"
+            outcome = self._refined(exc)
+            if outcome == "neutral":
+                return "neutral", None
         elif not isinstance(exc, Exception):
             return "neutral", None
         else:
@@ -221,6 +224,19 @@ class BreakerCore(Mirror):
             except Exception:
                 self._log.exception("breaker.retry_after_of_failed")
         return "fail", retry_after
+
+    def _refined(self, exc: BaseException) -> str:
+        """The policy's ``outcome_of`` verdict on a failure: "fail", "ok" or "neutral"
+        (a hook that raises is logged and leaves it a failure)."""
+        hook = self.policy.outcome_of
+        if hook is None:
+            return "fail"
+        try:
+            verdict = hook(exc)
+        except Exception:
+            self._log.exception("breaker.outcome_of_failed")
+            return "fail"
+        return {"ignore": "neutral", "success": "ok"}.get(str(verdict), "fail")
 
     def needs_io(self, ticket: Ticket, outcome: str) -> bool:
         """Whether settling ``outcome`` for ``ticket`` talks to Redis."""

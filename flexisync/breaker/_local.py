@@ -82,16 +82,7 @@ class LocalBreaker:
         with self._lock:
             now = time.monotonic()
             if probe:
-                self._probes = max(0, self._probes - 1)
-                if self.state != "half_open":
-                    return
-                if outcome == "ok":
-                    self._probe_ok += 1
-                    if self._probe_ok >= policy.success_threshold:
-                        self._close()
-                elif outcome == "fail":
-                    self._period = min(self._period * 2, policy.max_recovery_timeout)
-                    self._open(now, max(self._period, retry_after or 0.0))
+                self._settle_probe(now, outcome, retry_after)
                 return
             if outcome == "neutral" or self.state in ("forced_open", "disabled"):
                 return
@@ -113,6 +104,23 @@ class LocalBreaker:
             if outcome == "fail" and len(window) >= policy.minimum_calls \
                     and failed >= policy.failure_rate * len(window):
                 self._open(now, self._period)
+
+    def _settle_probe(self, now: float, outcome: str, retry_after: float | None) -> None:
+        """A probe's outcome (the lock is held): success_threshold good probes close; a
+        failed one reopens for exactly its retry-after, else for the doubled period."""
+        self._probes = max(0, self._probes - 1)
+        if self.state != "half_open":
+            return
+        if outcome == "ok":
+            self._probe_ok += 1
+            if self._probe_ok >= self._policy.success_threshold:
+                self._close()
+        elif outcome == "fail":
+            if retry_after is not None:
+                self._open(now, retry_after)
+                return
+            self._period = min(self._period * 2, self._policy.max_recovery_timeout)
+            self._open(now, self._period)
 
     def _open(self, now: float, period: float) -> None:
         if self.state in ("forced_open", "disabled"):

@@ -210,6 +210,7 @@ class Mirror:
         self._refresh_due = 0.0
         self._recheck_at = 0.0
         self._local = LocalBreaker(self.name, self.policy)
+        self._open_watchers: set[Signal] = set()  # set when the mirror turns open
 
     # --- Redis (plans) ------------------------------------------------------------------
 
@@ -374,9 +375,31 @@ class Mirror:
             self._update_fast()
         if old == snap.state:
             return None
+        if snap.state in ("open", "forced_open"):
+            self._wake_open_watchers()
         if self._callbacks:
             self._hub.notify(self._fire, old, snap.state)
         return old
+
+    def watch_open(self) -> Signal:
+        """A Signal set when this mirror next turns open or forced_open (or now, if it
+        is); give it back with :meth:`unwatch_open`."""
+        signal = Signal()
+        with self._mirror_lock:
+            self._open_watchers.add(signal)
+            if self._state in ("open", "forced_open"):
+                signal.set()
+        return signal
+
+    def unwatch_open(self, signal: Signal) -> None:
+        with self._mirror_lock:
+            self._open_watchers.discard(signal)
+
+    def _wake_open_watchers(self) -> None:
+        with self._mirror_lock:
+            watchers = list(self._open_watchers)
+        for signal in watchers:
+            signal.set()
 
     def _update_fast(self) -> None:
         self._fast = (self._ready and not self._down and self._state == "closed"

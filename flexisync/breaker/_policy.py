@@ -12,6 +12,7 @@ from typing import Any, Literal, cast
 
 from flexisync._durations import seconds
 from flexisync._keys import validate_name
+from flexisync.breaker._providers import Outcome, provider_outcome, provider_retry_after
 from flexisync.errors import ConfigError
 
 __all__ = ["MAX_DURATION", "STATES", "BackendMode", "BreakerInfo", "BreakerPolicy",
@@ -29,7 +30,8 @@ _MAX_COUNT = 1_000_000_000  # bound on the integer options
 
 
 def retry_after_attribute(exc: BaseException) -> float | None:
-    """The default ``retry_after_of``: ``exc.retry_after`` as seconds, if it is one.
+    """``exc.retry_after`` as seconds, if it is one (the default ``retry_after_of``
+    before :func:`~flexisync.breaker.provider_retry_after`, which also reads it).
 
     Accepts a positive finite int/float or a ``timedelta``; anything else means "no
     retry-after". (A value above :data:`MAX_DURATION` is cut to it when used.)
@@ -99,11 +101,19 @@ class BreakerPolicy:
         window: length of the failure-rate window, seconds.
         slow_call_duration: calls slower than this count as failures; None: never.
         recovery_timeout: first open period before a probe is admitted, seconds.
-        max_recovery_timeout: each failed probe doubles the open period, up to this.
+        max_recovery_timeout: each failed probe without a Retry-After doubles the
+            open period, up to this.
         half_open_max_calls: probes running at once across ALL processes.
         success_threshold: successful probes needed to close.
-        failure_on: exception classes that count as failures.
+        failure_on: exception classes that count as failures (an exception outside
+            counts as a success: the dependency answered).
         ignore: exception classes that count as nothing (checked first).
+        outcome_of: ``fn(exc) -> "failure" | "success" | "ignore" | None``: refines
+            the verdict for an exception in ``failure_on`` (not in ``ignore``); None
+            keeps "failure". The default, :func:`~flexisync.breaker.provider_outcome`,
+            reads the HTTP status (and a provider's error type): 408, 429, 5xx and
+            overload are failures, other 4xx are ignored. None: every exception in
+            ``failure_on`` is a failure.
         on_backend_error: while Redis is unreachable: ``"local"`` keeps breaking per
             process with this policy, ``"allow"`` lets every call through,
             ``"reject"`` raises :class:`~flexisync.CircuitOpenError`.
@@ -112,7 +122,10 @@ class BreakerPolicy:
         refresh_interval: seconds between re-reads of the shared state (repairs a
             missed message).
         retry_after_of: ``fn(exc) -> seconds | None``: a provider's retry-after carried
-            by a failure, which opens the breaker at once for that long. None disables.
+            by a failure, which opens the breaker at once for exactly that long. The
+            default, :func:`~flexisync.breaker.provider_retry_after`, reads
+            ``exc.retry_after`` and the response's ``retry-after-ms``,
+            ``retry-after`` and rate-limit reset headers. None disables.
 
     Raises:
         ConfigError: (a ``ValueError``) any value out of range or of the wrong type.
@@ -132,8 +145,10 @@ class BreakerPolicy:
     on_backend_error: BackendMode = "local"
     probe_lease: float = 30.0
     refresh_interval: float = 5.0
+    outcome_of: Callable[[BaseException], Outcome | None] | None = field(
+        default=provider_outcome)
     retry_after_of: Callable[[BaseException], float | None] | None = field(
-        default=retry_after_attribute)
+        default=provider_retry_after)
 
     def __post_init__(self) -> None:
         put = functools.partial(object.__setattr__, self)
@@ -160,8 +175,10 @@ class BreakerPolicy:
         if self.on_backend_error not in ("local", "allow", "reject"):
             raise ConfigError(f"on_backend_error must be 'local', 'allow' or 'reject', "
                               f"got {self.on_backend_error!r}")
-        if self.retry_after_of is not None and not callable(self.retry_after_of):
-            raise ConfigError("retry_after_of must be callable or None")
+        for name in ("outcome_of", "retry_after_of"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise ConfigError(f"{name} must be callable or None")
 
 
 _OPTIONS = frozenset(f.name for f in fields(BreakerPolicy))
@@ -210,8 +227,10 @@ class BreakerInfo:
         retry_after: seconds until a probe may be admitted (``math.inf``: forced open).
         trips: how many times it opened.
         probes_in_flight: half-open probe leases currently held.
-        open_period: the current open period in seconds (grows after failed probes),
-            None while closed.
+        open_period: the length in seconds of the open period running (half-open:
+            of the one that just ended): exactly a provider's Retry-After when one
+            opened it, else the period grown by failed probes; lengthened when a
+            longer Retry-After extended it. None while closed.
         window_calls: calls counted in the failure-rate window (0 in consecutive mode
             or when not asked for).
         window_failures: failures counted in that window.

@@ -245,3 +245,151 @@ async def test_bad_trip_duration_changes_nothing(shell: Shell) -> None:
         with pytest.raises(flexisync.ConfigError):
             await shell(breaker.trip(bad))
     assert (await shell(breaker.info())).state == "closed"
+
+
+# --- provider errors (the default classification) and Retry-After ------------------------
+
+def http_error(status: int, headers: dict[str, str] | None = None) -> Exception:
+    """A real ``httpx.HTTPStatusError``, as ``response.raise_for_status()`` raises it."""
+    import httpx  # a test-only dependency; flexisync never imports it
+
+    response = httpx.Response(status, headers=headers or {},
+                              request=httpx.Request("POST", "https://provider.test/v1"))
+    try:
+        response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        return exc
+    raise AssertionError("not an error status")
+
+
+def raiser(exc: Exception) -> Callable[[], None]:
+    def call() -> None:
+        raise exc
+    return call
+
+
+async def test_caller_errors_are_reraised_and_count_as_nothing(shell: Shell) -> None:
+    """By default a 400/401/404 (the caller's fault) neither opens nor resets the
+    breaker: re-raised unchanged, not counted; a 500 and a 408 count as failures."""
+    breaker = shell.coordinator.breaker("provider", failure_threshold=2)
+    for status in (400, 401, 404, 422):
+        exc = http_error(status)
+        for _ in range(3):
+            with pytest.raises(type(exc)) as raised:
+                await protected(shell, breaker, raiser(exc))
+            assert raised.value is exc
+    assert breaker.state == "closed"
+    assert breaker.stats().local_failures == 0
+    assert breaker.stats().successes == 0  # not a success either
+    with pytest.raises(Exception, match="500"):
+        await protected(shell, breaker, raiser(http_error(500)))
+    with pytest.raises(Exception, match="400"):  # does not reset the count
+        await protected(shell, breaker, raiser(http_error(400)))
+    assert (await shell(breaker.info())).failures == 1
+    with pytest.raises(Exception, match="408"):
+        await protected(shell, breaker, raiser(http_error(408)))
+    assert breaker.state == "open"
+
+
+async def test_outcome_of_none_counts_every_exception(shell: Shell) -> None:
+    """outcome_of=None restores "every exception in failure_on is a failure"."""
+    breaker = shell.coordinator.breaker("provider", failure_threshold=1, outcome_of=None)
+    with pytest.raises(Exception, match="401"):
+        await protected(shell, breaker, raiser(http_error(401)))
+    assert breaker.state == "open"
+
+
+async def test_a_429_with_retry_after_opens_for_exactly_that_long(shell: Shell) -> None:
+    """One 429 with ``retry-after`` opens at once (below the threshold) for exactly that
+    long, whatever recovery_timeout says; info() reports that period; then a probe."""
+    breaker = shell.coordinator.breaker("provider", failure_threshold=5,
+                                        recovery_timeout=30)
+    with pytest.raises(Exception, match="429"):
+        await protected(shell, breaker, raiser(http_error(429, {"retry-after": "0.3"})))
+    info = await shell(breaker.info())
+    assert info.state == "open"
+    assert info.open_period == pytest.approx(0.3)
+    assert 0 < info.retry_after <= 0.3
+    with pytest.raises(flexisync.CircuitOpenError) as rejected:
+        await protected(shell, breaker, lambda: None)
+    assert 0 < rejected.value.retry_after <= 0.3
+    await until(lambda: breaker.stats().retry_after == 0, "retry-after over")
+    assert await protected(shell, breaker, lambda: "probe") == "probe"
+    assert breaker.state == "closed"
+
+
+async def test_retry_after_ms_comes_first(shell: Shell) -> None:
+    breaker = shell.coordinator.breaker("provider", recovery_timeout=30)
+    headers = {"retry-after-ms": "400", "retry-after": "20"}
+    with pytest.raises(Exception, match="429"):
+        await protected(shell, breaker, raiser(http_error(429, headers)))
+    assert (await shell(breaker.info())).open_period == pytest.approx(0.4)
+
+
+async def test_a_failed_probe_with_retry_after_reopens_for_exactly_that_long(
+        shell: Shell) -> None:
+    """A failed probe carrying a Retry-After reopens for it (not for the doubled
+    period); one without doubles the backoff period as before."""
+    breaker = shell.coordinator.breaker("provider", failure_threshold=1,
+                                        recovery_timeout=0.3, max_recovery_timeout=10)
+    with pytest.raises(Exception, match="500"):
+        await protected(shell, breaker, raiser(http_error(500)))
+    assert (await shell(breaker.info())).open_period == pytest.approx(0.3)
+    await until(lambda: breaker.stats().retry_after == 0, "open period over")
+    with pytest.raises(Exception, match="503"):  # the probe fails, with a Retry-After
+        await protected(shell, breaker, raiser(http_error(503, {"retry-after": "0.2"})))
+    info = await shell(breaker.info())
+    assert info.state == "open"
+    assert info.open_period == pytest.approx(0.2)  # not 0.6 (doubled)
+    assert 0 < info.retry_after <= 0.2
+    await until(lambda: breaker.stats().retry_after == 0, "retry-after over")
+    with pytest.raises(Exception, match="500"):  # the probe fails, no Retry-After
+        await protected(shell, breaker, raiser(http_error(500)))
+    info = await shell(breaker.info())
+    assert info.open_period == pytest.approx(0.6)
+    assert 0.2 < info.retry_after <= 0.6
+
+
+async def test_a_retry_after_never_shortens_a_longer_open_period(shell: Shell) -> None:
+    """Failures of calls admitted before the breaker opened: a shorter Retry-After
+    leaves the open period alone, a longer one extends it (and open_period says so)."""
+    breaker = shell.coordinator.breaker("provider", failure_threshold=5)
+    checked: list[float] = []
+
+    async def nest(outcomes: list[str]) -> None:
+        """Enter one block per outcome while closed; the innermost fails first."""
+
+        async def guarded(body: Callable[[], Any]) -> None:
+            if shell.is_async:
+                async with breaker:
+                    await body()
+            else:
+                with breaker:
+                    await body()
+
+        if not outcomes:
+            return
+        exc = http_error(429, {"retry-after": outcomes[0]})
+
+        async def body() -> None:
+            await nest(outcomes[1:])
+            if outcomes[0] == "20":  # after "10" opened it and "0.2" left it alone
+                info = await shell(breaker.info())
+                checked.append(info.open_period)
+                assert 9 < info.retry_after <= 10
+            raise exc
+
+        with pytest.raises(type(exc)):
+            await guarded(body)
+
+    async def nested() -> None:
+        await nest(["20", "0.2", "10"])
+        info = await shell(breaker.info())
+        assert checked == [pytest.approx(10)]
+        assert 19 < info.retry_after <= 20  # the longer one extended it
+    await nested()
+    info = await shell(breaker.info())
+    assert info.state == "open"
+    assert 19 < info.retry_after <= 20
+    assert 19.9 < info.open_period <= 20.1
+    assert info.trips == 1

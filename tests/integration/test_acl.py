@@ -147,6 +147,39 @@ def _waiting(server: embedded.EmbeddedRedis, app: flexisync.Coordinator, name: s
         admin.close()
 
 
+def test_semaphores_work_as_the_documented_acl_user(acl_server: embedded.EmbeddedRedis,
+                                                    app: flexisync.Coordinator) -> None:
+    """acquire/extend/info/release, and a queued waiter woken by a release through its
+    wake-up subscription, all pass the ACL."""
+    sem = app.semaphore("pool", 1, lease=5)
+    assert sem.acquire(timeout=5)
+    sem.extend(10)
+    assert sem.info().holders == 1
+    got: list[bool] = []
+
+    def wait() -> None:
+        other = app.semaphore("pool", 1, lease=5)
+        got.append(other.acquire(timeout=20))
+        other.release()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_until(lambda: _subscribed(acl_server, f"{app.namespace}:sem:pool"), timeout=10.0,
+               message="the waiter waiting")
+    sem.release()
+    waiter.join(20.0)
+    assert got == [True], "the waiter was not woken by the release"
+    assert sem.info().holders == 0
+
+
+def _subscribed(server: embedded.EmbeddedRedis, channel: str) -> bool:
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    try:
+        return bool(admin.pubsub_numsub(channel)[0][1])
+    finally:
+        admin.close()
+
+
 def test_events_work_as_the_documented_acl_user(app: flexisync.Coordinator) -> None:
     """publish, subscribe to a topic, and psubscribe to the documented glob topic."""
     with app.events.subscribe("deploys") as exact, app.events.subscribe(GLOB) as glob:

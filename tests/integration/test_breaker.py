@@ -406,3 +406,67 @@ def test_success_elsewhere_after_failures_resets_the_count_once_flushed(
                    message="B's success flushed")
         fail_n(a, 2)
         assert a.state == "closed"
+
+
+# --- real provider SDK errors through the default breaker ------------------------------
+
+def _openai_error(status: int, headers: dict[str, str] | None = None) -> Exception:
+    import httpx  # test-only dependencies, imported where used
+    import openai
+
+    client = openai.OpenAI(api_key="sk-test", base_url="https://provider.test/v1",
+                           max_retries=0)
+    return client._make_status_error_from_response(httpx.Response(
+        status, headers=headers or {}, json={"error": {"message": "x"}},
+        request=httpx.Request("POST", "https://provider.test/v1/chat/completions")))
+
+
+def _anthropic_error(status: int, kind: str, headers: dict[str, str] | None = None,
+                     ) -> Exception:
+    import anthropic
+    import httpx2
+
+    client = anthropic.Anthropic(api_key="sk-ant-test", base_url="https://provider.test",
+                                 max_retries=0)
+    return client._make_status_error_from_response(httpx2.Response(
+        status, headers=headers or {},
+        json={"type": "error", "error": {"type": kind, "message": "x"}},
+        request=httpx2.Request("POST", "https://provider.test/v1/messages")))
+
+
+def test_real_sdk_errors_with_the_default_breaker(sync: flexisync.Coordinator) -> None:
+    """The issue's scenarios with the real openai and anthropic exceptions: 400 and 401
+    never open; one 429 with ``retry-after-ms: 7000`` opens for 7 s (not 30, not after
+    5); a failed probe with ``retry-after: 3`` reopens for 3 (not 60); info() says so."""
+    breaker = sync.breaker("llm", failure_threshold=5, recovery_timeout=30)
+    for exc in (_openai_error(400), _openai_error(401),
+                _anthropic_error(400, "invalid_request_error"),
+                _anthropic_error(401, "authentication_error")) * 5:
+        fail_n(breaker, 1, exc)
+    assert breaker_info(sync, "llm").failures == 0
+    assert breaker.state == "closed"
+    fail_n(breaker, 1, _openai_error(429, {"retry-after-ms": "7000", "retry-after": "7"}))
+    info = breaker_info(sync, "llm")
+    assert info.state == "open"
+    assert info.open_period == pytest.approx(7)
+    assert 6.5 < info.retry_after <= 7
+    breaker.reset()
+    breaker.trip(0.2)
+    wait_until(lambda: breaker.stats().retry_after == 0, timeout=5)
+    fail_n(breaker, 1, _anthropic_error(429, "rate_limit_error", {"retry-after": "3"}))
+    info = breaker_info(sync, "llm")
+    assert info.state == "open"
+    assert info.open_period == pytest.approx(3)
+    assert 2.5 < info.retry_after <= 3
+
+
+def test_anthropic_overloaded_counts_and_a_shorter_retry_after_never_shortens(
+        sync: flexisync.Coordinator) -> None:
+    breaker = sync.breaker("llm", failure_threshold=2, recovery_timeout=30)
+    fail_n(breaker, 2, _anthropic_error(529, "overloaded_error"))
+    assert breaker.state == "open"
+    assert breaker_info(sync, "llm").open_period == pytest.approx(30)
+    breaker.trip(5)  # shorter: ignored
+    info = breaker_info(sync, "llm")
+    assert info.open_period == pytest.approx(30)
+    assert 29 < info.retry_after <= 30

@@ -172,6 +172,7 @@ REPAIRABLE: list[tuple[str, dict[str, str]]] = [
     ("very long number", {"open_until": "9" * 400}),
     ("infinite number", {"trips": "inf"}),
     ("epoch with spaces", {"epoch": "a b c"}),
+    ("non-numeric period_ms", {"state": "open", "period_ms": "long"}),
 ]
 
 

@@ -80,3 +80,20 @@ def test_seed_starts_from_the_mirrored_state() -> None:
     local.record(False, "fail", 30.0)
     assert local.admit() is False
     assert local.state == "disabled"
+
+
+def test_a_failed_probe_with_retry_after_reopens_for_exactly_that_long() -> None:
+    """The fallback follows the shared rule: a failed probe carrying a retry-after
+    reopens for it (not for the doubled period, nor the longer of the two); one without
+    doubles the backoff period, which the retry-after did not change."""
+    local = LocalBreaker("p", BreakerPolicy(failure_threshold=1, recovery_timeout=5,
+                                            max_recovery_timeout=60))
+    local.seed("open", time.monotonic())  # the open period is over: a probe is due
+    assert local.admit() is True
+    local.record(True, "fail", 0.05)
+    assert local.state == "open"
+    assert 0 < local.remaining() <= 0.05  # not 10 (doubled)
+    wait_until(lambda: local.remaining() == 0, timeout=5)
+    assert local.admit() is True
+    local.record(True, "fail", None)
+    assert 9 < local.remaining() <= 10  # 5 doubled

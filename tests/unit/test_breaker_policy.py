@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import flexisync
-from flexisync.breaker import BreakerPolicy, retry_after_attribute
+from flexisync.breaker import BreakerPolicy, provider_retry_after, retry_after_attribute
 
 
 @pytest.fixture
@@ -43,6 +43,7 @@ def offline() -> Any:
     ({"probe_lease": 0}, "probe_lease"),
     ({"refresh_interval": -1}, "refresh_interval"),
     ({"retry_after_of": 42}, "retry_after_of"),
+    ({"outcome_of": 42}, "outcome_of"),
     ({"failure_treshold": 3}, "failure_treshold"),
 ])
 def test_bad_configuration_raises_value_error_naming_the_option(
@@ -91,10 +92,25 @@ def test_constructing_a_breaker_does_no_io(offline: flexisync.Coordinator) -> No
 ])
 def test_retry_after_attribute_reads_only_positive_finite_seconds(
         value: object, expected: float | None) -> None:
-    """The default retry_after_of accepts positive finite seconds and ignores the rest."""
+    """retry_after_attribute (the default retry_after_of before provider_retry_after)
+    accepts positive finite seconds and ignores the rest."""
     exc = RuntimeError("429")
     exc.retry_after = value  # type: ignore[attr-defined]
     assert retry_after_attribute(exc) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (3, 3.0), (0.5, 0.5), (timedelta(seconds=4), 4.0), ("12", 12.0),
+    (0, None), (-1, None), (math.inf, None), ("soon", None), (True, None), (None, None),
+])
+def test_the_default_retry_after_of_reads_the_attribute_first(
+        value: object, expected: float | None) -> None:
+    """provider_retry_after (the default) reads ``exc.retry_after`` like
+    retry_after_attribute, numeric strings included."""
+    exc = RuntimeError("429")
+    exc.retry_after = value  # type: ignore[attr-defined]
+    assert BreakerPolicy().retry_after_of is provider_retry_after
+    assert provider_retry_after(exc) == expected
 
 
 def test_circuit_open_error_carries_name_and_retry_after() -> None:
