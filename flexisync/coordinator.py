@@ -19,7 +19,7 @@ from flexisync._connection import (
     validate_redis_options,
 )
 from flexisync._core.context import Context, shared
-from flexisync._durations import Duration, optional_seconds, seconds
+from flexisync._durations import Duration
 from flexisync._keys import KeySpace, validate_name
 from flexisync.errors import ConfigError
 
@@ -189,8 +189,7 @@ class Coordinator:
         """
         from flexisync.state import StateStore  # noqa: PLC0415  (keeps import light)
 
-        return StateStore(self._ctx, validate_name(scope, "scope"),
-                          ttl=optional_seconds(ttl, "ttl"))
+        return StateStore(self._ctx, scope, ttl=ttl)
 
     def lock(self, name: str, *, ttl: Duration = 30.0, timeout: Duration | None = None,
              auto_renew: bool = False, fair: bool = False,
@@ -198,8 +197,7 @@ class Coordinator:
         """A :class:`~flexisync.locks.Lock` named ``name``. See that class."""
         from flexisync.locks import Lock  # noqa: PLC0415
 
-        return Lock(self._ctx, validate_name(name, "lock name"), ttl=seconds(ttl, "ttl"),
-                    timeout=optional_seconds(timeout, "timeout", allow_zero=True),
+        return Lock(self._ctx, name, ttl=ttl, timeout=timeout,
                     auto_renew=auto_renew, fair=fair, on_lost=on_lost)
 
     def semaphore(self, name: str, limit: int, *, lease: Duration = 60.0,
@@ -239,14 +237,13 @@ class Coordinator:
         """
         from flexisync.streams import Stream  # noqa: PLC0415
 
-        return Stream(self._ctx, validate_name(name, "stream name"), maxlen=maxlen,
-                      ttl=optional_seconds(ttl, "ttl"))
+        return Stream(self._ctx, name, maxlen=maxlen, ttl=ttl)
 
     def breaker(self, name: str, **policy: Any) -> CircuitBreaker:
         """The :class:`~flexisync.breaker.CircuitBreaker` named ``name``. See that class."""
         from flexisync.breaker import CircuitBreaker  # noqa: PLC0415
 
-        return CircuitBreaker(self._ctx, validate_name(name, "breaker name"), **policy)
+        return CircuitBreaker(self._ctx, name, **policy)
 
     # --- operations --------------------------------------------------------------------
 

@@ -61,6 +61,14 @@ def mp(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
+def direct(own_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A client on ``own_server`` that bypasses the fault proxy (for assertions)."""
+    client = redis.Redis(port=own_server.port, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def proxy(own_server: EmbeddedRedis) -> Iterator[FaultProxy]:
     """A :class:`~tests.faults.FaultProxy` in front of a private redis-server.
 

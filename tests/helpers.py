@@ -33,3 +33,18 @@ def join_all(processes: Iterable[Any], timeout: float = 60.0) -> None:
     assert not stuck, f"{len(stuck)} worker(s) did not finish within {timeout}s"
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     assert not failed, f"workers exited with {failed}"
+
+
+def start_queued_in_order(mp: Any, target: Callable[..., Any],
+                          args_of: Callable[[int], tuple[Any, ...]], count: int,
+                          queued: Callable[[], int]) -> list[Any]:
+    """Start ``count`` processes ``target(*args_of(i))`` one after another, each only once
+    the previous one is queued (``queued()`` counts the waiters in Redis's queue)."""
+    waiters = []
+    for index in range(count):
+        waiter = mp.Process(target=target, args=args_of(index))
+        waiter.start()
+        waiters.append(waiter)
+        wait_until(lambda n=index + 1: queued() == n, timeout=60,
+                   message=f"waiter {index} queued")
+    return waiters

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import socket
 import threading
 import time
 import weakref
@@ -54,8 +52,9 @@ from typing import TYPE_CHECKING, Any
 
 from flexisync._core.lock_runtime import LockRuntime, runtime
 from flexisync._core.plan import Call, Plan, Script, run
-from flexisync._core.waiting import wait_for_turn
-from flexisync._durations import Duration, seconds, to_ms
+from flexisync._core.waiting import owner_token, wait_for_turn
+from flexisync._durations import Duration, optional_seconds, seconds, to_ms
+from flexisync._keys import validate_name
 from flexisync._log import get_logger
 from flexisync.errors import (
     BackendError,
@@ -87,7 +86,6 @@ GRACE = 0.25
 _RELEASE_MEMORY = 2.0
 # A waiter re-checks at least this often even without a wake-up (seconds).
 _MAX_SLEEP = 5.0
-_HOST = socket.gethostname()
 
 
 def _logger() -> Any:
@@ -127,9 +125,13 @@ class LockCore:
         name, ttl, timeout, auto_renew, fair, on_lost: as ``Coordinator.lock``.
     """
 
-    def __init__(self, ctx: Context, name: str, *, ttl: float, timeout: float | None,
+    def __init__(self, ctx: Context, name: str, *, ttl: Duration, timeout: Duration | None,
                  auto_renew: bool, fair: bool, on_lost: Callable[[Any], None] | None,
                  ) -> None:
+        """Raises ConfigError for a bad name, ``ttl``, ``timeout`` or ``on_lost``."""
+        name = validate_name(name, "lock name")
+        ttl = seconds(ttl, "ttl")
+        timeout = optional_seconds(timeout, "timeout", allow_zero=True)
         if on_lost is not None and not callable(on_lost):
             raise ConfigError(f"on_lost must be callable, not {type(on_lost).__name__}")
         self.name = name
@@ -198,7 +200,7 @@ class LockCore:
             self._runtime.stop_renewing(self)  # a lost acquisition is simply dropped
             self._token = None
         self._drop_parked()
-        token = f"{os.urandom(10).hex()}:{_HOST}:{os.getpid()}"
+        token = owner_token()
         waiting = wait is None or wait > 0
         acquired, _ = yield from self._attempt(token, waiting, deadline)
         if acquired:

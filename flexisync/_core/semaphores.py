@@ -48,7 +48,6 @@ import functools
 import itertools
 import math
 import os
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -59,7 +58,7 @@ from flexisync._core.lock_runtime import runtime
 from flexisync._core.locks import GRACE
 from flexisync._core.plan import Plan, Script
 from flexisync._core.streams import text as _text
-from flexisync._core.waiting import wait_for_turn
+from flexisync._core.waiting import owner_token, wait_for_turn
 from flexisync._durations import Duration, optional_seconds, seconds, to_ms
 from flexisync._keys import validate_name
 from flexisync._log import get_logger
@@ -85,7 +84,6 @@ QUEUE_ENTRY_TTL = 6.0
 # A waiter re-checks (and refreshes its queue entry) at least this often even without a
 # wake-up (seconds).
 _REFRESH = QUEUE_ENTRY_TTL / 3
-_HOST = socket.gethostname()
 _ids = itertools.count(1)
 
 
@@ -244,7 +242,7 @@ class SemaphoreCore:
             wait = 0.0
         forever = wait is None or math.isinf(wait)
         deadline = None if forever or wait == 0 else time.monotonic() + (wait or 0.0)
-        token = f"{os.urandom(10).hex()}:{_HOST}:{os.getpid()}"
+        token = owner_token()
         waiting = forever or bool(wait)
         acquired, _ = yield from self._attempt(token, waiting, deadline)
         if acquired:

@@ -235,7 +235,10 @@ class StateCore:
 class StateShell:
     """What both shells' stores hold: the Context, the core, the scope and default TTL."""
 
-    def __init__(self, ctx: Context, scope: str, *, ttl: float | None) -> None:
+    def __init__(self, ctx: Context, scope: str, *, ttl: Duration | None) -> None:
+        """Raises ConfigError for a bad scope or a ``ttl`` that is not > 0 seconds."""
+        scope = validate_name(scope, "scope")
+        ttl = optional_seconds(ttl, "ttl")
         self._ctx = ctx
         self._core = StateCore(ctx.keys, scope, ttl=ttl)
         self.scope = scope

@@ -13,6 +13,8 @@ and not named sleeps on until its next re-check.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +28,15 @@ if TYPE_CHECKING:
     from flexisync._listener import Registration
 
 __all__ = ["wait_for_turn"]
+
+
+_HOST = socket.gethostname()
+
+
+def owner_token() -> str:
+    """A new holder token: random, plus host and pid so that an operator can tell whose
+    lease or slot it is (``flexisync locks``, ``SemaphoreInfo``)."""
+    return f"{os.urandom(10).hex()}:{_HOST}:{os.getpid()}"
 
 
 def wait_for_turn(ctx: Context, rt: LockRuntime, channel: str, token: str, *,

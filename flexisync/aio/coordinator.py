@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexisync._connection import RetryPolicy
 from flexisync._core.context import Context
-from flexisync._durations import Duration, optional_seconds, seconds
-from flexisync._keys import validate_name
+from flexisync._durations import Duration
 from flexisync.coordinator import open_context
 
 if TYPE_CHECKING:
@@ -77,8 +76,7 @@ class AsyncCoordinator:
         """An :class:`~flexisync.aio.state.AsyncStateStore`; as ``Coordinator.state``."""
         from flexisync.aio.state import AsyncStateStore  # noqa: PLC0415
 
-        return AsyncStateStore(self._ctx, validate_name(scope, "scope"),
-                               ttl=optional_seconds(ttl, "ttl"))
+        return AsyncStateStore(self._ctx, scope, ttl=ttl)
 
     def lock(self, name: str, *, ttl: Duration = 30.0, timeout: Duration | None = None,
              auto_renew: bool = False, fair: bool = False,
@@ -86,8 +84,7 @@ class AsyncCoordinator:
         """An :class:`~flexisync.aio.locks.AsyncLock`; as ``Coordinator.lock``."""
         from flexisync.aio.locks import AsyncLock  # noqa: PLC0415
 
-        return AsyncLock(self._ctx, validate_name(name, "lock name"), ttl=seconds(ttl, "ttl"),
-                         timeout=optional_seconds(timeout, "timeout", allow_zero=True),
+        return AsyncLock(self._ctx, name, ttl=ttl, timeout=timeout,
                          auto_renew=auto_renew, fair=fair, on_lost=on_lost)
 
     def semaphore(self, name: str, limit: int, *, lease: Duration = 60.0,
@@ -118,15 +115,14 @@ class AsyncCoordinator:
         """An :class:`~flexisync.aio.streams.AsyncStream`; as ``Coordinator.stream``."""
         from flexisync.aio.streams import AsyncStream  # noqa: PLC0415
 
-        return AsyncStream(self._ctx, validate_name(name, "stream name"), maxlen=maxlen,
-                           ttl=optional_seconds(ttl, "ttl"))
+        return AsyncStream(self._ctx, name, maxlen=maxlen, ttl=ttl)
 
     def breaker(self, name: str, **policy: Any) -> AsyncCircuitBreaker:
         """An :class:`~flexisync.aio.breaker.AsyncCircuitBreaker` over the same mirror as
         ``Coordinator.breaker(name)`` in this process; as that method."""
         from flexisync.aio.breaker import AsyncCircuitBreaker  # noqa: PLC0415
 
-        return AsyncCircuitBreaker(self._ctx, validate_name(name, "breaker name"), **policy)
+        return AsyncCircuitBreaker(self._ctx, name, **policy)
 
     # --- operations ---------------------------------------------------------------------
 

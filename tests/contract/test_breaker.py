@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +10,7 @@ import pytest
 
 import flexisync
 from flexisync.breaker import breaker_info
+from tests.aio_helpers import until
 from tests.contract.conftest import Shell
 
 
@@ -54,16 +54,6 @@ async def prepared(shell: Shell, breaker: Any) -> None:
 
 def fail() -> None:
     raise ProviderDown("down")
-
-
-async def until(predicate: Callable[[], Any], message: str, timeout: float = 5.0) -> None:
-    """Await until ``predicate()`` is truthy (polling the event loop), or fail."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            pytest.fail(f"{message} not met within {timeout}s")
-        await asyncio.sleep(0.005)
 
 
 async def test_closed_calls_pass_and_count(shell: Shell) -> None:

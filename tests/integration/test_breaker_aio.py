@@ -24,7 +24,7 @@ import flexisync.aio
 from flexisync._connection import load_script
 from flexisync._core.plan import Signal, Wait
 from flexisync.aio.breaker import AsyncCircuitBreaker
-from tests.contract.test_breaker import until
+from tests.aio_helpers import until
 
 
 class Gate:

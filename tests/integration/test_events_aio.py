@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,21 +14,8 @@ import flexisync
 import flexisync.aio
 from flexisync import Event
 from flexisync.embedded import EmbeddedRedis
+from tests.aio_helpers import other_tasks, until
 from tests.faults import FaultProxy
-
-
-async def _until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    """Await until ``predicate()`` is true, yielding to the event loop meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.002)
-
-
-def _only_this_task() -> set[asyncio.Task[Any]]:
-    """Tasks of this loop other than the current one (should be none)."""
-    return asyncio.all_tasks() - {asyncio.current_task()}
 
 
 async def _baseline(aio: flexisync.aio.AsyncCoordinator) -> dict[str, int]:
@@ -54,7 +39,7 @@ async def test_cancelled_subscribe_while_unconfirmed_leaves_nothing_registered(
         baseline = await _baseline(aio)
         proxy.stall()
         task = asyncio.create_task(aio.events.subscribe("never", timeout=30))
-        await _until(lambda: listener.table_sizes()["waiting"] == 1,
+        await until(lambda: listener.table_sizes()["waiting"] == 1,
                      "subscribe() waiting for the confirmation")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -62,9 +47,9 @@ async def test_cancelled_subscribe_while_unconfirmed_leaves_nothing_registered(
         assert listener.table_sizes()["handlers"] == baseline["handlers"]
         assert listener.table_sizes()["waiting"] == 0
         proxy.resume()
-        await _until(lambda: listener.table_sizes() == baseline,
+        await until(lambda: listener.table_sizes() == baseline,
                      f"listener tables back to {baseline} ({listener.table_sizes()})")
-        assert not _only_this_task()
+        assert not other_tasks()
         server = redis.Redis(port=own_server.port)
         channel = aio._ctx.keys.channel("events", "never")
         assert server.pubsub_numsub(channel) == [(channel.encode(), 0)]
@@ -97,7 +82,7 @@ async def test_cancelled_get_takes_nothing_off_the_queue(
     assert (stats.received, stats.delivered, stats.dropped, stats.queued) == (1, 1, 0, 0)
     await sub.aclose()
     assert aio._ctx.listener.table_sizes() == baseline
-    assert not _only_this_task()
+    assert not other_tasks()
 
 
 async def test_cancelled_async_for_frees_nothing_it_did_not_hold(
@@ -126,7 +111,7 @@ async def test_cancelled_async_for_frees_nothing_it_did_not_hold(
     assert (seen, event.data) == ([1], 2)
     await sub.aclose()
     assert aio._ctx.listener.table_sizes() == baseline
-    assert not _only_this_task()
+    assert not other_tasks()
 
 
 async def test_aclose_ends_a_callback_subscriptions_task(
@@ -146,15 +131,15 @@ async def test_aclose_ends_a_callback_subscriptions_task(
             raise ValueError("boom")
 
     sub = await aio.events.subscribe("cb", callback)
-    assert len(_only_this_task()) == 1, "one dispatcher task, no thread"
+    assert len(other_tasks()) == 1, "one dispatcher task, no thread"
     for i in range(5):
         await aio.events.publish("cb", i)
-    await _until(lambda: len(seen) == 5, "five callback calls")
+    await until(lambda: len(seen) == 5, "five callback calls")
     assert seen == [0, 1, 2, 3, 4]
     assert loops == {loop}
     assert sub.stats.errors == 1
     await sub.aclose()
-    assert not _only_this_task()
+    assert not other_tasks()
     assert aio._ctx.listener.table_sizes() == baseline
 
 
@@ -170,7 +155,7 @@ async def test_cancelled_aclose_still_closes(aio: flexisync.aio.AsyncCoordinator
         await task
     assert sub.closed
     assert aio._ctx.listener.table_sizes()["handlers"] == baseline["handlers"]
-    await _until(lambda: aio._ctx.listener.table_sizes() == baseline, "unsubscribe answered")
+    await until(lambda: aio._ctx.listener.table_sizes() == baseline, "unsubscribe answered")
 
 
 # --- reconnects -----------------------------------------------------------------------------

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -27,59 +25,9 @@ import flexisync.aio
 from flexisync._core.locks import runtime
 from flexisync._core.plan import run
 from flexisync.aio.locks import AsyncLock
-from flexisync.embedded import EmbeddedRedis
+from tests.aio_helpers import AttemptHook, cancel, connect_aio, scripts_run, settle
 from tests.faults import FaultProxy
 from tests.helpers import join_all
-
-
-class _Attempts:
-    """Hooks an AsyncLock's acquire attempts: counts them and their outcomes, runs
-    ``before[n]`` right before attempt n (1-based) is sent and ``after[n]`` right after
-    it returned, and sets ``reached`` after each of these."""
-
-    def __init__(self, lock: AsyncLock, before: dict[int, Any] | None = None,
-                 after: dict[int, Any] | None = None) -> None:
-        self.results: list[bool] = []
-        self.before = before or {}
-        self.after = after or {}
-        self.reached = asyncio.Event()
-        original = lock._attempt
-
-        def counting(token: str, waiting: bool, deadline: float | None = None) -> Any:
-            hook = self.before.get(len(self.results) + 1)
-            if hook is not None:
-                hook()
-                self.reached.set()
-            result = yield from original(token, waiting, deadline)
-            self.results.append(result[0])
-            hook = self.after.get(len(self.results))
-            if hook is not None:
-                hook()
-            self.reached.set()
-            return result
-
-        lock._attempt = counting  # type: ignore[method-assign]
-
-    async def until(self, n: int) -> None:
-        """Until ``n`` attempts returned."""
-        while len(self.results) < n:
-            self.reached.clear()
-            await asyncio.wait_for(self.reached.wait(), 10)
-
-
-@asynccontextmanager
-async def _connect(url: str, namespace: str) -> AsyncIterator[flexisync.aio.AsyncCoordinator]:
-    async with flexisync.aio.connect(url, namespace=namespace,
-                                     retry=flexisync.RetryPolicy(deadline=5.0)) as aio:
-        yield aio
-
-
-@pytest.fixture
-def direct(own_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    """A client on the proxied server, around the proxy (for assertions)."""
-    client = redis.Redis(port=own_server.port, decode_responses=True)
-    yield client
-    client.close()
 
 
 def _keys(aio: flexisync.aio.AsyncCoordinator, name: str) -> tuple[str, str]:
@@ -87,13 +35,9 @@ def _keys(aio: flexisync.aio.AsyncCoordinator, name: str) -> tuple[str, str]:
     return keys.key("lock", name), keys.key("lock", name, "queue")
 
 
-async def _settle(aio: flexisync.aio.AsyncCoordinator) -> None:
-    assert await asyncio.to_thread(aio._ctx.settle, 10.0), "janitor work did not finish"
-
-
 async def _assert_nothing_held(aio: flexisync.aio.AsyncCoordinator, direct: redis.Redis,
                                name: str, lock: AsyncLock, handlers: int = 0) -> None:
-    await _settle(aio)
+    await settle(aio)
     lease, queue = _keys(aio, name)
     assert direct.exists(lease) == 0, "a lease nobody holds was left behind"
     assert direct.zcard(queue) == 0, "a cancelled waiter stayed in the fair queue"
@@ -113,17 +57,6 @@ async def _warm_scripts(aio: flexisync.aio.AsyncCoordinator, fair: bool) -> None
     run(aio._ctx, warm._abandon("0:warm"))
 
 
-def _scripts_run(direct: redis.Redis) -> int:
-    """How many EVALSHA the server has run so far."""
-    return int(direct.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
 async def _assert_free(aio: flexisync.aio.AsyncCoordinator, name: str, fair: bool) -> None:
     """Anyone can take the lock at once: it was not left to a cancelled waiter."""
     other = aio.lock(name, ttl=30, fair=fair)
@@ -141,19 +74,19 @@ async def test_cancelled_while_the_first_attempt_is_in_flight(
     """The acquire script is held by a stalled network when the task is cancelled: the
     command lands after the cancellation, yet no lease is left (undo by token, and the
     tombstone makes the late command set nothing)."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         await _warm_scripts(aio, fair)
-        scripts = _scripts_run(direct)
+        scripts = scripts_run(direct)
         lock = aio.lock("first", ttl=30, fair=fair)
-        hook = _Attempts(lock, before={1: proxy.stall})
+        hook = AttemptHook(lock, before={1: proxy.stall})
         task = asyncio.ensure_future(lock.acquire(timeout=20))
         await asyncio.wait_for(hook.reached.wait(), 10)
         await asyncio.sleep(0)  # the script is sent and its reply awaited
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         await _assert_nothing_held(aio, direct, "first", lock)
         # Both the cancelled attempt (late) and its undo reached the server.
-        assert _scripts_run(direct) - scripts == 2
+        assert scripts_run(direct) - scripts == 2
         await _assert_free(aio, "first", fair)
 
 
@@ -162,7 +95,7 @@ async def test_cancelled_while_subscribing_for_wakeups(
         proxy: FaultProxy, direct: redis.Redis, namespace: str, fair: bool) -> None:
     """Cancelled while Redis has not yet confirmed the wake-up subscription (stalled):
     the handler is removed, the fair queue entry goes (janitor), nothing is held."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         holder = aio.lock("sub", ttl=30, fair=fair)
         assert await holder.acquire()
         warm = await aio._ctx.listener.subscribe_async(("channel", "warm"),
@@ -170,11 +103,11 @@ async def test_cancelled_while_subscribing_for_wakeups(
         lock = aio.lock("sub", ttl=30, fair=fair)
         # Stalled right after the first attempt: the SUBSCRIBE that follows it gets
         # no confirmation.
-        hook = _Attempts(lock, after={1: proxy.stall})
+        hook = AttemptHook(lock, after={1: proxy.stall})
         task = asyncio.ensure_future(lock.acquire(timeout=20))
         await hook.until(1)
         assert aio._ctx.listener.table_sizes()["waiting"] == 1, "not subscribing"
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         assert hook.results == [False]
         await _assert_nothing_held_but_holder(aio, direct, "sub", lock, fair)
@@ -185,7 +118,7 @@ async def test_cancelled_while_subscribing_for_wakeups(
 async def _assert_nothing_held_but_holder(aio: flexisync.aio.AsyncCoordinator,
                                           direct: redis.Redis, name: str, lock: AsyncLock,
                                           fair: bool) -> None:
-    await _settle(aio)
+    await settle(aio)
     _, queue = _keys(aio, name)
     assert direct.zcard(queue) == 0, "a cancelled waiter stayed in the fair queue"
     assert lock.fencing_token is None
@@ -205,12 +138,12 @@ async def test_cancelled_while_waiting_for_a_wakeup(
     holder = aio.lock("asleep", ttl=30, fair=fair)
     assert await holder.acquire()
     lock = aio.lock("asleep", ttl=30, fair=fair)
-    hook = _Attempts(lock)
+    hook = AttemptHook(lock)
     task = asyncio.ensure_future(lock.acquire(timeout=30))
     await hook.until(2)  # subscribed, final attempt failed: it waits now
     _, queue = _keys(aio, "asleep")
     assert raw.zcard(queue) == (1 if fair else 0)
-    await _cancel(task)
+    await cancel(task)
     await _assert_nothing_held_but_holder(aio, raw, "asleep", lock, fair)
     await holder.release()
     await _assert_free(aio, "asleep", fair)
@@ -221,25 +154,25 @@ async def test_cancelled_while_a_reattempt_after_a_wakeup_is_in_flight(
         proxy: FaultProxy, direct: redis.Redis, namespace: str, fair: bool) -> None:
     """Woken by the release, the waiter's re-attempt is held in flight and cancelled:
     no lease is left for the cancelled waiter, and the lock is free afterwards."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         await _warm_scripts(aio, fair)
         holder = aio.lock("again", ttl=30, fair=fair)
         assert await holder.acquire()
         lock = aio.lock("again", ttl=30, fair=fair)
-        hook = _Attempts(lock, before={3: proxy.stall})
+        hook = AttemptHook(lock, before={3: proxy.stall})
         task = asyncio.ensure_future(lock.acquire(timeout=20))
         await hook.until(2)
-        scripts = _scripts_run(direct)
+        scripts = scripts_run(direct)
         hook.reached.clear()
         await holder.release()  # wakes the waiter, whose 3rd attempt stalls
         await asyncio.wait_for(hook.reached.wait(), 10)
         await asyncio.sleep(0)
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         assert hook.results == [False, False]
         await _assert_nothing_held(aio, direct, "again", lock)
         # The release, the cancelled attempt (late) and its undo reached the server.
-        assert _scripts_run(direct) - scripts == 3
+        assert scripts_run(direct) - scripts == 3
         await _assert_free(aio, "again", fair)
 
 
@@ -247,13 +180,13 @@ async def test_cancelled_release_still_releases(
         proxy: FaultProxy, direct: redis.Redis, namespace: str) -> None:
     """release() cancelled while its script is in flight: the AsyncLock holds nothing
     and the lease is released all the same (the janitor repeats it by token)."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         lock = aio.lock("rel", ttl=30, auto_renew=True)
         assert await lock.acquire()
         proxy.stall()
         task = asyncio.ensure_future(lock.release())
         await asyncio.sleep(0)  # the release script is sent; its reply cannot come
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         await _assert_nothing_held(aio, direct, "rel", lock)
         assert not lock.lost
@@ -274,7 +207,7 @@ async def test_cancelled_async_with_body_releases_the_lock(
 
     task = asyncio.ensure_future(body())
     await asyncio.wait_for(entered.wait(), 10)
-    await _cancel(task)
+    await cancel(task)
     assert raw.exists(_keys(aio, "cm")[0]) == 0
 
 
@@ -296,7 +229,7 @@ async def test_wait_for_with_tiny_timeouts_never_leaves_a_lease(
             await lock.release()
         if i % 2:
             await holder.release()
-        await _settle(aio)
+        await settle(aio)
         assert raw.exists(lease) == 0, f"a lease was left (round {i})"
         assert raw.zcard(queue) == 0, f"a queue entry was left (round {i})"
         assert not runtime(aio._ctx).waits
@@ -331,7 +264,7 @@ async def test_async_waiter_is_woken_by_a_sync_release_in_another_process(
     try:
         assert await asyncio.to_thread(held.wait, 30), "the holder never acquired"
         lock = aio.lock("handoff", ttl=30)
-        hook = _Attempts(lock)
+        hook = AttemptHook(lock)
         task = asyncio.ensure_future(lock.acquire(timeout=30))
         await hook.until(2)
         released = time.monotonic()

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 import flexisync
-from tests.helpers import join_all, wait_until
+from tests.helpers import join_all, start_queued_in_order, wait_until
 from tests.workers_locks import (
     fair_waiter_worker,
     fork_child_worker,
@@ -125,14 +125,9 @@ def test_fair_lock_serves_waiting_processes_in_arrival_order(
     assert holder.acquire()
     queue_key = sync._ctx.keys.key("lock", "fair", "queue")
     order_key = f"{sync.namespace}:order"
-    waiters = []
-    for index in range(4):
-        waiter = mp.Process(target=fair_waiter_worker,
-                            args=(flexisync_url, sync.namespace, index, order_key))
-        waiter.start()
-        waiters.append(waiter)
-        wait_until(lambda n=index + 1: raw.zcard(queue_key) == n, timeout=60,
-                   message=f"waiter {index} queued")
+    waiters = start_queued_in_order(
+        mp, fair_waiter_worker, lambda index: (flexisync_url, sync.namespace, index, order_key), 4,
+        lambda: raw.zcard(queue_key))
     holder.release()
     join_all(waiters, timeout=60)
     assert raw.lrange(order_key, 0, -1) == ["0", "1", "2", "3"]

@@ -11,7 +11,6 @@ script still in flight reserves nothing when it lands.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ import redis
 
 import flexisync
 import flexisync.aio
-from flexisync.embedded import EmbeddedRedis
+from tests.aio_helpers import cancel, settle
 from tests.faults import FaultProxy
 
 
@@ -44,16 +43,6 @@ class _Scripts:
         backend.run_script = hooked  # type: ignore[method-assign]
 
 
-async def _settle(aio: flexisync.aio.AsyncCoordinator) -> None:
-    assert await asyncio.to_thread(aio._ctx.settle, 10.0), "janitor work did not finish"
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
 def _markers(client: redis.Redis, aio: flexisync.aio.AsyncCoordinator, name: str,
              before: dict[str, str] | None = None) -> dict[str, str]:
     """The reservation markers of limiter ``name`` (key -> value), minus ``before``."""
@@ -73,8 +62,8 @@ async def test_cancelled_while_waiting_for_its_turn_gives_the_reservation_back(
     task = asyncio.create_task(limiter.acquire())
     await asyncio.wait_for(hook.returned.wait(), 10)  # reserved; now in asyncio.sleep
     assert next(iter(_markers(raw, aio, "slow", before).values())).startswith("1 ")
-    await _cancel(task)
-    await _settle(aio)
+    await cancel(task)
+    await settle(aio)
     assert list(_markers(raw, aio, "slow", before).values()) == ["x"], \
         "the marker did not become a tombstone"
     with pytest.raises(flexisync.errors.FlexiSyncError) as info:
@@ -91,19 +80,11 @@ async def test_cancelled_by_wait_for_while_waiting_gives_tokens_back(
     hook = _Scripts(aio)
     task = asyncio.ensure_future(asyncio.wait_for(limiter.acquire(3000), 30))
     await asyncio.wait_for(hook.returned.wait(), 10)
-    await _cancel(task)
-    await _settle(aio)
+    await cancel(task)
+    await settle(aio)
     # 1000 (+ a few refilled) left, as before the cancelled call.
     assert await limiter.try_acquire(1000) is not None
     assert await limiter.try_acquire(500) is None
-
-
-@pytest.fixture
-def direct(own_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    """A client on the proxied server, around the proxy (for assertions)."""
-    client = redis.Redis(port=own_server.port, decode_responses=True)
-    yield client
-    client.close()
 
 
 async def test_cancelled_while_its_script_is_in_flight_reserves_nothing(
@@ -120,9 +101,9 @@ async def test_cancelled_while_its_script_is_in_flight_reserves_nothing(
         task = asyncio.create_task(limiter.acquire(5))
         await asyncio.wait_for(hook.sent.wait(), 10)
         await asyncio.sleep(0)  # let the task write the command into the stalled socket
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
-        await _settle(aio)
+        await settle(aio)
         assert list(_markers(direct, aio, "flight", before).values()) == ["x"]
         limiter2 = aio.rate_limiter("flight", 10, per=60.0, burst=10)
         backend = aio._ctx.abackend

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -26,59 +24,9 @@ import flexisync.aio
 from flexisync._core.lock_runtime import runtime
 from flexisync._core.plan import run
 from flexisync.aio.semaphores import AsyncSemaphore
-from flexisync.embedded import EmbeddedRedis
+from tests.aio_helpers import AttemptHook, cancel, connect_aio, scripts_run, settle
 from tests.faults import FaultProxy
 from tests.helpers import join_all
-
-
-class _Hook:
-    """Hooks an AsyncSemaphore's acquire attempts: records their outcomes, runs
-    ``before[n]`` right before attempt n (1-based) is sent and ``after[n]`` right after
-    it returned, and sets ``reached`` after each of these."""
-
-    def __init__(self, sem: AsyncSemaphore, before: dict[int, Any] | None = None,
-                 after: dict[int, Any] | None = None) -> None:
-        self.results: list[bool] = []
-        self.before = before or {}
-        self.after = after or {}
-        self.reached = asyncio.Event()
-        original = sem._attempt
-
-        def hooked(token: str, waiting: bool, deadline: float | None) -> Any:
-            hook = self.before.get(len(self.results) + 1)
-            if hook is not None:
-                hook()
-                self.reached.set()
-            result = yield from original(token, waiting, deadline)
-            self.results.append(result[0])
-            hook = self.after.get(len(self.results))
-            if hook is not None:
-                hook()
-            self.reached.set()
-            return result
-
-        sem._attempt = hooked  # type: ignore[method-assign]
-
-    async def until(self, n: int) -> None:
-        """Until ``n`` attempts returned."""
-        while len(self.results) < n:
-            self.reached.clear()
-            await asyncio.wait_for(self.reached.wait(), 10)
-
-
-@asynccontextmanager
-async def _connect(url: str, namespace: str) -> AsyncIterator[flexisync.aio.AsyncCoordinator]:
-    async with flexisync.aio.connect(url, namespace=namespace,
-                                     retry=flexisync.RetryPolicy(deadline=5.0)) as aio:
-        yield aio
-
-
-@pytest.fixture
-def direct(own_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    """A client on the proxied server, around the proxy (for assertions)."""
-    client = redis.Redis(port=own_server.port, decode_responses=True)
-    yield client
-    client.close()
 
 
 def _keys(aio: flexisync.aio.AsyncCoordinator, name: str) -> tuple[str, str]:
@@ -86,17 +34,11 @@ def _keys(aio: flexisync.aio.AsyncCoordinator, name: str) -> tuple[str, str]:
     return keys.key("sem", name), keys.key("sem", name, "queue")
 
 
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
 async def _assert_clean(aio: flexisync.aio.AsyncCoordinator, direct: redis.Redis,
                         name: str, sem: AsyncSemaphore, holders: int = 0) -> None:
     """After the janitor's work: ``holders`` slots held (the test's own), no queue
     entry, the cancelled task's object holds nothing here, no handler or wait left."""
-    assert await asyncio.to_thread(aio._ctx.settle, 10.0), "janitor work did not finish"
+    await settle(aio)
     slots, queue = _keys(aio, name)
     assert direct.zcard(slots) == holders, "a slot nobody holds was left behind"
     assert direct.zcard(queue) == 0, "a cancelled waiter stayed in the queue"
@@ -127,27 +69,23 @@ async def _warm(aio: flexisync.aio.AsyncCoordinator) -> None:
     run(aio._ctx, warm._abandon("0:warm"))
 
 
-def _scripts_run(direct: redis.Redis) -> int:
-    return int(direct.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_cancelled_while_the_first_attempt_is_in_flight(
         proxy: FaultProxy, direct: redis.Redis, namespace: str) -> None:
     """The acquire script is held by a stalled network when the task is cancelled: it
     lands after the cancellation (and takes the free slot), yet no slot is left: the
     undo by token drops it, or its marker makes the late command take nothing."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         await _warm(aio)
-        scripts = _scripts_run(direct)
+        scripts = scripts_run(direct)
         sem = aio.semaphore("first", 2, lease=30)
-        hook = _Hook(sem, before={1: proxy.stall})
+        hook = AttemptHook(sem, before={1: proxy.stall})
         task = asyncio.ensure_future(sem.acquire(timeout=20))
         await asyncio.wait_for(hook.reached.wait(), 10)
         await asyncio.sleep(0)  # the script is sent and its reply awaited
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         await _assert_clean(aio, direct, "first", sem)
-        assert _scripts_run(direct) - scripts == 2  # the late attempt and its undo
+        assert scripts_run(direct) - scripts == 2  # the late attempt and its undo
         await _assert_free(aio, "first", 2)
 
 
@@ -155,17 +93,17 @@ async def test_cancelled_while_subscribing_for_wakeups(
         proxy: FaultProxy, direct: redis.Redis, namespace: str) -> None:
     """Cancelled while Redis has not confirmed the wake-up subscription (stalled): the
     handler is removed, the queue entry goes (janitor), only the holder's slot stays."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         holder = aio.semaphore("sub", 1, lease=30)
         assert await holder.acquire()
         warm = await aio._ctx.listener.subscribe_async(("channel", "warm"),
                                                       lambda *_: None)  # listener up
         sem = aio.semaphore("sub", 1, lease=30)
-        hook = _Hook(sem, after={1: proxy.stall})  # the SUBSCRIBE after it stalls
+        hook = AttemptHook(sem, after={1: proxy.stall})  # the SUBSCRIBE after it stalls
         task = asyncio.ensure_future(sem.acquire(timeout=20))
         await hook.until(1)
         assert aio._ctx.listener.table_sizes()["waiting"] == 1, "not subscribing"
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         assert hook.results == [False]
         await _assert_clean(aio, direct, "sub", sem, holders=1)
@@ -181,11 +119,11 @@ async def test_cancelled_while_waiting_for_a_wakeup(
     holder = aio.semaphore("asleep", 1, lease=30)
     assert await holder.acquire()
     sem = aio.semaphore("asleep", 1, lease=30)
-    hook = _Hook(sem)
+    hook = AttemptHook(sem)
     task = asyncio.ensure_future(sem.acquire(timeout=30))
     await hook.until(2)  # subscribed, the final attempt failed: it waits now
     assert raw.zcard(_keys(aio, "asleep")[1]) == 1
-    await _cancel(task)
+    await cancel(task)
     await _assert_clean(aio, raw, "asleep", sem, holders=1)
     await holder.release()
     await _assert_free(aio, "asleep", 1)
@@ -195,25 +133,25 @@ async def test_cancelled_while_a_reattempt_after_a_wakeup_is_in_flight(
         proxy: FaultProxy, direct: redis.Redis, namespace: str) -> None:
     """Woken by the release, the waiter's re-attempt is held in flight and cancelled:
     the slot it may have taken is given back, the semaphore is free afterwards."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         await _warm(aio)
         holder = aio.semaphore("again", 1, lease=30)
         assert await holder.acquire()
         sem = aio.semaphore("again", 1, lease=30)
-        hook = _Hook(sem, before={3: proxy.stall})
+        hook = AttemptHook(sem, before={3: proxy.stall})
         task = asyncio.ensure_future(sem.acquire(timeout=20))
         await hook.until(2)
-        scripts = _scripts_run(direct)
+        scripts = scripts_run(direct)
         hook.reached.clear()
         await holder.release()  # wakes the waiter, whose 3rd attempt stalls
         await asyncio.wait_for(hook.reached.wait(), 10)
         await asyncio.sleep(0)
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         assert hook.results == [False, False]
         await _assert_clean(aio, direct, "again", sem)
         # The release, the cancelled attempt (late) and its undo reached the server.
-        assert _scripts_run(direct) - scripts == 3
+        assert scripts_run(direct) - scripts == 3
         await _assert_free(aio, "again", 1)
 
 
@@ -221,13 +159,13 @@ async def test_cancelled_release_still_releases(
         proxy: FaultProxy, direct: redis.Redis, namespace: str) -> None:
     """release() cancelled while its script is in flight: the task holds nothing and
     the slot is given back all the same (the janitor repeats the release by token)."""
-    async with _connect(proxy.url(), namespace) as aio:
+    async with connect_aio(proxy.url(), namespace) as aio:
         sem = aio.semaphore("rel", 1, lease=30)
         assert await sem.acquire()
         proxy.stall()
         task = asyncio.ensure_future(sem.release())
         await asyncio.sleep(0)  # the release script is sent; its reply cannot come
-        await _cancel(task)
+        await cancel(task)
         proxy.resume()
         await _assert_clean(aio, direct, "rel", sem)
         with pytest.raises(flexisync.SemaphoreNotHeldError):
@@ -249,7 +187,7 @@ async def test_cancelled_async_with_body_releases_the_slot(
     task = asyncio.ensure_future(body())
     await asyncio.wait_for(entered.wait(), 10)
     assert raw.zcard(_keys(aio, "cm")[0]) == 1
-    await _cancel(task)
+    await cancel(task)
     assert raw.zcard(_keys(aio, "cm")[0]) == 0
 
 
@@ -325,7 +263,7 @@ async def test_async_waiter_is_woken_by_a_sync_release_in_another_process(
     try:
         assert await asyncio.to_thread(held.wait, 30), "the holder never acquired"
         sem = aio.semaphore("handoff", 1, lease=30)
-        hook = _Hook(sem)
+        hook = AttemptHook(sem)
         task = asyncio.ensure_future(sem.acquire(timeout=30))
         await hook.until(2)
         go.set()

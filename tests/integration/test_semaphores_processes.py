@@ -14,7 +14,7 @@ import redis
 
 import flexisync
 from flexisync._core.semaphores import QUEUE_ENTRY_TTL
-from tests.helpers import join_all, wait_until
+from tests.helpers import join_all, start_queued_in_order, wait_until
 
 LIMIT = 3
 
@@ -164,14 +164,9 @@ def test_waiting_processes_are_served_in_arrival_order(
     assert holder.acquire()
     queue_key = sync._ctx.keys.key("sem", "fifo", "queue")
     order_key = f"{sync.namespace}:order"
-    waiters = []
-    for index in range(4):
-        waiter = mp.Process(target=fifo_worker,
-                            args=(flexisync_url, sync.namespace, index, order_key))
-        waiter.start()
-        waiters.append(waiter)
-        wait_until(lambda n=index + 1: raw.zcard(queue_key) == n, timeout=60,
-                   message=f"waiter {index} queued")
+    waiters = start_queued_in_order(
+        mp, fifo_worker, lambda index: (flexisync_url, sync.namespace, index, order_key), 4,
+        lambda: raw.zcard(queue_key))
     holder.release()
     join_all(waiters, timeout=60)
     assert raw.lrange(order_key, 0, -1) == ["0", "1", "2", "3"]

@@ -16,8 +16,8 @@ import flexisync.aio
 import flexisync.aio.sse
 from flexisync._core.followers import SAFETY_POLL, reader_of
 from flexisync.embedded import EmbeddedRedis
+from tests.aio_helpers import other_tasks, until
 from tests.faults import FaultProxy
-from tests.integration.test_events_aio import _only_this_task, _until
 
 
 async def _consume(stream: flexisync.aio.AsyncStream, kind: str,
@@ -35,10 +35,10 @@ async def _assert_released(aio: flexisync.aio.AsyncCoordinator, handlers: int = 
     """No follower left at the reader, the wake-up channels unsubscribed, no task."""
     reader = reader_of(aio._ctx)
     assert reader.followers() == {}
-    await _until(reader.idle, "the reader has nothing left to (un)subscribe")
-    await _until(lambda: aio._ctx.listener.table_sizes()["handlers"] == handlers,
+    await until(reader.idle, "the reader has nothing left to (un)subscribe")
+    await until(lambda: aio._ctx.listener.table_sizes()["handlers"] == handlers,
                  "the wake-up channel unsubscribed")
-    assert _only_this_task() == set()
+    assert other_tasks() == set()
 
 
 # --- cancellation ---------------------------------------------------------------------------
@@ -72,7 +72,7 @@ async def test_cancelled_while_its_wake_up_subscription_is_unconfirmed(
         await aio.ping()
         proxy.stall()
         task = asyncio.create_task(_consume(stream, kind))
-        await _until(lambda: reader_of(aio._ctx).followers() == {"held": 1},
+        await until(lambda: reader_of(aio._ctx).followers() == {"held": 1},
                      "the follower waits for the subscription")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -109,7 +109,7 @@ async def test_cancelled_during_its_replay_read(proxy: FaultProxy, own_server: E
         task = asyncio.create_task(_consume(stream, kind))
         # Joining needs no I/O (the stream is subscribed): the first await after it is
         # the replay read, held by the stall.
-        await _until(lambda: reader_of(aio._ctx).followers() == {"read": 2},
+        await until(lambda: reader_of(aio._ctx).followers() == {"read": 2},
                      "the second follower joined")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -224,13 +224,13 @@ async def test_followers_scale_constant_connections_and_o_m_reads_per_append(
         streams = [aio.stream(name, maxlen=None) for name in STREAMS]
         crowd = _Crowd(sync, aio)
         reader = reader_of(aio._ctx)
-        await _until(lambda: sum(reader.followers().values())
+        await until(lambda: sum(reader.followers().values())
                      == SYNC_FOLLOWERS + ASYNC_FOLLOWERS, "every follower registered",
                      timeout=60)
         # A first event everyone must get: afterwards every follower is live.
         for stream in streams:
             await stream.append("warm")
-        await _until(crowd.all_got_something, "everyone got 'warm'", timeout=60)
+        await until(crowd.all_got_something, "everyone got 'warm'", timeout=60)
 
         admin.config_resetstat()
         fetches = reader.fetches
