@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.exceptions as rexc
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -59,7 +60,6 @@ T = TypeVar("T")
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "memory")
-_NOT_YET = ("redis+sentinel", "redis+cluster")
 
 # Query-string options a URL may carry, with their parsers.
 _FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout", "health_check_interval")
@@ -434,11 +434,17 @@ def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
         ConfigError: the scheme is not supported yet, an option is unknown or out of
             range, or ``memory://`` is used without the ``memory`` extra installed.
     """
-    if spec.scheme in _NOT_YET:
-        raise ConfigError(f"{spec.scheme}:// URLs parse, but are not supported yet")
     redis_options = validate_redis_options(redis_options)
     if spec.scheme == "memory":
         return _memory_client(spec.name)
+    if spec.scheme == "redis+sentinel":
+        from flexisync import _sentinel  # noqa: PLC0415  (only for sentinel URLs)
+
+        return _sentinel.build_client(spec, redis_options)
+    if spec.scheme == "redis+cluster":
+        from flexisync import _cluster  # noqa: PLC0415  (only for cluster URLs)
+
+        return _cluster.build_client(spec, redis_options)
     options: dict[str, Any] = {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 2.0,
@@ -464,6 +470,19 @@ def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
     return client
 
 
+def topology_of(client: Any) -> str:
+    """What kind of deployment a (blocking) client talks to: ``"cluster"`` (a
+    ``redis.RedisCluster``), ``"sentinel"`` (a pool managed by ``redis.sentinel``),
+    ``"memory"`` (fakeredis) or ``"single"`` (one server)."""
+    if isinstance(client, redis.RedisCluster):
+        return "cluster"
+    if type(client).__module__.startswith("fakeredis"):
+        return "memory"
+    if isinstance(getattr(client, "connection_pool", None), redis.sentinel.SentinelConnectionPool):
+        return "sentinel"
+    return "single"
+
+
 def _client_over(base: type, kwargs: dict[str, Any], max_connections: int | None) -> Any:
     """A ``redis.Redis`` whose pool makes deadline-capped, never-retrying connections."""
     kwargs = dict(kwargs)
@@ -486,10 +505,18 @@ def adopt_client(client: Any) -> Any:
     user's client and its connections are left untouched; ``Coordinator.close()``
     closes only flexisync's pool. In-process fakes (``fakeredis``) are used as given.
     """
+    if isinstance(client, redis.RedisCluster):
+        from flexisync import _cluster  # noqa: PLC0415
+
+        return _cluster.adopt_client(client)
     pool = getattr(client, "connection_pool", None)
     if pool is None or type(client).__module__.startswith("fakeredis") \
-            or not isinstance(pool, redis.ConnectionPool) or isinstance(client, redis.RedisCluster):
+            or not isinstance(pool, redis.ConnectionPool):
         return client
+    if topology_of(client) == "sentinel":
+        from flexisync import _sentinel  # noqa: PLC0415
+
+        return _sentinel.adopt_client(client)
     kwargs = dict(pool.connection_kwargs)
     max_connections = getattr(pool, "max_connections", None)
     if not isinstance(max_connections, int) or max_connections >= 2**31 - 1:
@@ -613,6 +640,12 @@ class Backend:
     def is_cluster(self) -> bool:
         """True for a ``redis.RedisCluster`` client."""
         return isinstance(self.client, redis.RedisCluster)
+
+    @cached_property
+    def topology(self) -> str:
+        """``"cluster"``, ``"sentinel"``, ``"single"`` or ``"memory"``: see
+        :func:`topology_of`."""
+        return topology_of(self.client)
 
     def call(self, operation: str, fn: Callable[[Any], T], *, idempotent: bool = True,
              deadline: float | None = None, retry: RetryPolicy | None = None) -> T:

@@ -198,6 +198,15 @@ class Listener:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
 
+    def reconnect(self) -> None:
+        """Drop the live connection now (e.g. the master moved): the supervisor loop
+        reconnects at once, resubscribes everything and then runs the reconnect hooks.
+        A no-op when not connected."""
+        with self._cond:
+            conn = self._conn
+        if conn is not None:
+            _disconnect(conn)  # wakes the reader with EOF; _run reconnects
+
     def after_fork(self) -> None:
         """In a forked child: forget the parent's socket and thread, keep registrations."""
         handlers, hooks = self._handlers, self._hooks
@@ -614,6 +623,12 @@ def _fast_reader(conn: Any) -> Callable[[float], Any] | None:
 
 def _make_connection(client: Any) -> Any:
     """A fresh connection outside the pool, set up for pub/sub reading."""
+    from flexisync._connection import topology_of  # noqa: PLC0415
+
+    if topology_of(client) == "sentinel":
+        from flexisync import _sentinel  # noqa: PLC0415
+
+        return _sentinel.pubsub_connection(client)
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
     kwargs["decode_responses"] = False

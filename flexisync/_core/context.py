@@ -67,6 +67,10 @@ class Context:
         backend.on_fork = self.after_fork
         _install_fork_hook()
         _live.add(self)
+        if backend.topology == "sentinel":
+            from flexisync import _sentinel  # noqa: PLC0415
+
+            _sentinel.attach(self)  # follows +switch-master; registers its own hooks
 
     @property
     def namespace(self) -> str:
@@ -100,7 +104,12 @@ class Context:
         if listener is None:
             with self._lock:
                 if self._listener_obj is None:
-                    self._listener_obj = Listener(self.backend)
+                    if self.backend.topology == "cluster":
+                        from flexisync import _cluster  # noqa: PLC0415
+
+                        self._listener_obj = _cluster.make_listener(self.backend)
+                    else:
+                        self._listener_obj = Listener(self.backend)
                 listener = self._listener_obj
         return listener
 

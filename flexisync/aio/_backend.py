@@ -62,11 +62,19 @@ def async_client_factory(client: Any) -> Callable[[], Any]:
     """A function building a ``redis.asyncio`` client like the blocking ``client``.
 
     Raises:
-        ConfigError: the client is of a kind the asyncio shell cannot mirror yet
-            (a cluster client).
+        ConfigError: the client is of a kind the asyncio shell cannot mirror.
     """
-    if isinstance(client, redis.RedisCluster):
-        raise ConfigError("the asyncio shell does not support Redis Cluster yet")
+    from flexisync._connection import topology_of  # noqa: PLC0415
+
+    kind = topology_of(client)
+    if kind == "cluster":
+        from flexisync import _cluster  # noqa: PLC0415
+
+        return _cluster.async_client_factory(client)
+    if kind == "sentinel":
+        from flexisync import _sentinel  # noqa: PLC0415
+
+        return _sentinel.async_client_factory(client)
     if type(client).__module__.startswith("fakeredis"):
         import fakeredis  # noqa: PLC0415  (the memory extra)
 

@@ -68,12 +68,27 @@ class Shell:
         return items
 
 
-@pytest.fixture(params=["sync", "async", "sync-memory", "async-memory"])
+SHELLS = ["sync", "async", "sync-memory", "async-memory", "sync-cluster", "async-cluster",
+          "sync-sentinel", "async-sentinel"]
+
+
+@pytest.fixture(params=SHELLS)
 def shell(request: pytest.FixtureRequest, flexisync_url: str, namespace: str,
           ) -> Iterator[Shell]:
-    """Each shell in turn; the asyncio ones are closed inside the test's event loop."""
+    """Each shell in turn; the asyncio ones are closed inside the test's event loop.
+
+    ``-cluster`` and ``-sentinel`` run on a private Redis Cluster (3 masters + 3
+    replicas) and a private master + replica + 3 sentinels, started once per session
+    (per xdist worker) from the binaries on PATH."""
     kind = request.param
-    url = f"memory://contract-{uuid.uuid4().hex}" if kind.endswith("memory") else flexisync_url
+    if kind.endswith("memory"):
+        url = f"memory://contract-{uuid.uuid4().hex}"
+    elif kind.endswith("cluster"):
+        url = request.getfixturevalue("cluster_url")
+    elif kind.endswith("sentinel"):
+        url = request.getfixturevalue("sentinel_url")
+    else:
+        url = flexisync_url
     if kind.startswith("async"):
         coordinator: Any = flexisync.aio.connect(url, namespace=namespace)
         root._closers.append(coordinator.aclose)
