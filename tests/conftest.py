@@ -21,8 +21,8 @@ import flexisync.aio
 from flexisync.embedded import EmbeddedRedis, start
 from flexisync.testing import delete_namespace, unique_namespace
 from tests.faults import FaultProxy
-from tests.topology_cluster import cluster_url  # noqa: F401  (fixture)
-from tests.topology_sentinel import sentinel_url  # noqa: F401  (fixture)
+from tests.topology_cluster import cluster, cluster_url  # noqa: F401  (fixtures)
+from tests.topology_sentinel import sentinel_setup, sentinel_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

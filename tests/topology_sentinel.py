@@ -1,7 +1,4 @@
-"""A private master + replica + 3 sentinels started from binaries on PATH.
-
-Stub: the sentinel work of issue 12 fills this in.
-"""
+"""Session fixture: a private master + replica + 3 sentinels for the suite."""
 
 from __future__ import annotations
 
@@ -9,9 +6,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.topologies import SentinelSetup, start_sentinel
+
 
 @pytest.fixture(scope="session")
-def sentinel_url() -> Iterator[str]:
-    """``redis+sentinel://`` URL of a session-wide private sentinel deployment."""
-    pytest.skip("sentinel topology not built yet")
-    yield ""
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    """A session-wide private sentinel set-up (one per xdist worker). Tests that fail
+    the master over start their own with :func:`tests.topologies.start_sentinel`."""
+    found = start_sentinel()
+    yield found
+    found.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_url(sentinel_setup: SentinelSetup) -> str:
+    """``redis+sentinel://`` URL of the session's private sentinel set-up."""
+    return sentinel_setup.url
