@@ -9,18 +9,18 @@ that every key of one object lands in one slot and its Lua scripts may touch the
     ns:lock:{name}:released:<id>   "released by token <id>" marker (a few seconds)
     ns:lock:{name}:queue           fair-mode waiter queue (ZSET token -> arrival, us)
     ns:lock:{name}:queue:ttl       fair-mode waiter expiries (ZSET token -> server ms)
-    ns:lock:name                   wake-up channel PUBLISHed by a lock's release
+    ns:lock:{name}                 wake-up channel PUBLISHed by a lock's release
     ns:sem:{name}                  a semaphore's holders (ZSET owner token -> lease expiry, ms)
     ns:sem:{name}:queue            its FIFO waiter queue (ZSET token -> arrival, us)
     ns:sem:{name}:queue:ttl        its waiter expiries (ZSET token -> server ms)
     ns:sem:{name}:done:<id>        "token <id> released / given up" marker (a few seconds)
-    ns:sem:name                    wake-up channel PUBLISHed by a semaphore's release
+    ns:sem:{name}                  wake-up channel PUBLISHed by a semaphore's release
     ns:events:topic                pub/sub channel of a topic (a channel, not a key)
-    ns:stream:{name}               a Stream (XADD log)
+    ns:stream:{name}               a Stream (XADD log), and the channel its appends wake
     ns:breaker:{name}              a breaker's shared state (HASH: state, version, epoch...)
     ns:breaker:{name}:window       its failure-rate window (HASH of per-bucket counts)
     ns:breaker:{name}:probes       its half-open probe leases (ZSET token -> expiry ms)
-    ns:breaker:name                channel on which a breaker's transitions are published
+    ns:breaker:{name}              channel on which a breaker's transitions are published
     ns:doctor:{probe-xxxxxxxx}:*   throwaway keys `flexisync doctor` writes and deletes
                                    while probing ACL permissions
 """
@@ -96,8 +96,17 @@ class KeySpace:
         return f"{self.namespace}:{kind}:{{{name}}}:"
 
     def channel(self, kind: str, name: str) -> str:
-        """A pub/sub channel name: ``ns:kind:name`` (channels have no slots to share)."""
+        """A topic's pub/sub channel: ``ns:kind:name``, no hash tag (glob patterns
+        match it; on Redis Cluster it stays a classic, cluster-wide channel)."""
         return f"{self.namespace}:{kind}:{name}"
+
+    def object_channel(self, kind: str, name: str) -> str:
+        """One object's channel (a lock's wake-ups, a breaker's transitions):
+        ``ns:kind:{name}``, with the object's hash tag, so its scripts may publish on it
+        and on Redis Cluster it is a sharded channel (SPUBLISH / SSUBSCRIBE) in the
+        object's slot. A channel holding ``{`` is sharded; topics never do (names
+        cannot contain braces)."""
+        return f"{self.namespace}:{kind}:{{{name}}}"
 
     def all_keys_pattern(self) -> str:
         """SCAN pattern matching every key of this namespace."""

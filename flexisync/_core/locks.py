@@ -146,7 +146,7 @@ class LockCore:
         self._fence_key = keys.key("lock", name, "fence")
         # lock_release / lock_abandon leave "released by token T" here for a few seconds.
         self._marker_prefix = keys.key("lock", name, "released") + ":"
-        self._channel = keys.channel("lock", name)
+        self._channel = keys.object_channel("lock", name)
         queue = [keys.key("lock", name, "queue"), keys.key("lock", name, "queue", "ttl")] \
             if self.fair else []
         self._queue_keys = queue

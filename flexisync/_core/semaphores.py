@@ -156,7 +156,7 @@ class SemaphoreCore:
         self._queue_keys = [keys.key("sem", self.name, "queue"),
                             keys.key("sem", self.name, "queue", "ttl")]
         self._marker_prefix = keys.key("sem", self.name, "done") + ":"
-        self._channel = keys.channel("sem", self.name)
+        self._channel = keys.object_channel("sem", self.name)
         self._marker_ms = to_ms(ctx.backend.retry.deadline + _MARKER_MEMORY)
         self._queue_ms = to_ms(QUEUE_ENTRY_TTL)
         self._runtime = runtime(ctx)

@@ -181,7 +181,7 @@ class StreamCore:
         self.maxlen = maxlen
         self.ttl = optional_seconds(ttl, "ttl")
         self.key = ctx.keys.key("stream", self.name)
-        self.channel = ctx.keys.channel("stream", self.name)
+        self.channel = ctx.keys.object_channel("stream", self.name)
         self.log = get_logger("streams", stream=self.name)
 
     def describe(self, cls: str) -> str:

@@ -136,7 +136,7 @@ def breaker_info(coordinator: Any, name: str, *, window: float = 60.0) -> Breake
     ctx = _ctx_of(coordinator)
     validate_name(name, "breaker name")
     window_ms = to_ms(duration(window, "window"))
-    channel = ctx.keys.channel("breaker", name)
+    channel = ctx.keys.object_channel("breaker", name)
     reply = run(ctx, hub_of(ctx).script("read", keys_of(ctx, name), [channel, window_ms],
                                         fail_fast=False))
     return decode_info(name, reply)

@@ -174,7 +174,7 @@ class Mirror:
         self.name = name
         self.ctx = ctx
         self._keys = keys_of(ctx, name)
-        self._channel = ctx.keys.channel("breaker", name)
+        self._channel = ctx.keys.object_channel("breaker", name)
         self._hub = hub_of(ctx)
         self._log = get_logger("breaker", breaker=name, namespace=ctx.namespace)
         self._mode = "count" if policy.failure_rate is None else "rate"

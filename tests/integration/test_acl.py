@@ -142,7 +142,7 @@ def _waiting(server: embedded.EmbeddedRedis, app: flexisync.Coordinator, name: s
     """Someone is subscribed to the lock's wake-up channel (asked as the admin)."""
     admin = redis.Redis(host="127.0.0.1", port=server.port)
     try:
-        return bool(admin.pubsub_numsub(f"{app.namespace}:lock:{name}")[0][1])
+        return bool(admin.pubsub_numsub(f"{app.namespace}:lock:{{{name}}}")[0][1])
     finally:
         admin.close()
 
@@ -164,7 +164,7 @@ def test_semaphores_work_as_the_documented_acl_user(acl_server: embedded.Embedde
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    wait_until(lambda: _subscribed(acl_server, f"{app.namespace}:sem:pool"), timeout=10.0,
+    wait_until(lambda: _subscribed(acl_server, f"{app.namespace}:sem:{{pool}}"), timeout=10.0,
                message="the waiter waiting")
     sem.release()
     waiter.join(20.0)

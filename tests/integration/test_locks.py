@@ -674,13 +674,13 @@ def test_wait_subscriptions_end_when_no_local_waiter_remains(
         thread = threading.Thread(
             target=lambda w=waiter, r=result: r.append(w.acquire(timeout=10)))
         thread.start()
-        channel = sync._ctx.keys.channel("lock", name)
+        channel = sync._ctx.keys.object_channel("lock", name)
         wait_until(lambda c=channel: raw.pubsub_numsub(c)[0][1] == 1, message="waiting")
         holder.release()
         thread.join(10)
         assert result == [True]
         waiter.release()
-    channels = [sync._ctx.keys.channel("lock", name) for name in names]
+    channels = [sync._ctx.keys.object_channel("lock", name) for name in names]
     assert not [key for key in sync._ctx.listener._handlers if key[1] in channels]
 
     def unsubscribed() -> bool:

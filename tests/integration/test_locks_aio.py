@@ -125,7 +125,7 @@ async def _assert_nothing_held_but_holder(aio: flexisync.aio.AsyncCoordinator,
     assert not runtime(aio._ctx).waits, "a wake-up registration was left behind"
     sizes = aio._ctx.listener.table_sizes()
     assert sizes["waiting"] == 0, sizes
-    channel = aio._ctx.keys.channel("lock", name)
+    channel = aio._ctx.keys.object_channel("lock", name)
     assert not [k for k in aio._ctx.listener._handlers if k[1] == channel], \
         "the wake-up handler was left in the listener"
 

@@ -214,7 +214,7 @@ def test_waiting_acquire_timeout_bounds_the_call_when_the_server_stalls_meanwhil
 
         thread = threading.Thread(target=wait)
         thread.start()
-        channel = sync._ctx.keys.channel("lock", "stall-wait")
+        channel = sync._ctx.keys.object_channel("lock", "stall-wait")
         deadline = time.monotonic() + 5
         while direct.pubsub_numsub(channel)[0][1] == 0 and time.monotonic() < deadline:
             time.sleep(0.005)  # polling until the waiter has subscribed

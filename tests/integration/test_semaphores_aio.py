@@ -46,7 +46,7 @@ async def _assert_clean(aio: flexisync.aio.AsyncCoordinator, direct: redis.Redis
     assert not runtime(aio._ctx).waits, "a wake-up registration was left behind"
     sizes = aio._ctx.listener.table_sizes()
     assert sizes["waiting"] == 0, sizes
-    channel = aio._ctx.keys.channel("sem", name)
+    channel = aio._ctx.keys.object_channel("sem", name)
     assert not [k for k in aio._ctx.listener._handlers if k[1] == channel], \
         "the wake-up handler was left in the listener"
 
