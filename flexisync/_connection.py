@@ -117,7 +117,9 @@ def parse_url(url: object) -> ConnectionSpec:
     ``unix:///path/to.sock?db=N``, ``redis+sentinel://h1:26379,h2:26379/service/db``,
     ``redis+cluster://h1:7000,h2:7001`` and ``memory://[name]``. Query options:
     ``socket_timeout``, ``socket_connect_timeout``, ``health_check_interval`` (seconds),
-    ``max_connections``, ``client_name`` and the ``ssl_*`` file options.
+    ``max_connections``, ``client_name`` and the ``ssl_*`` file options;
+    ``redis+sentinel://`` also takes ``ssl``, ``sentinel_ssl``, ``sentinel_username``
+    and ``sentinel_password`` (:func:`flexisync._sentinel.parse_url_options`).
 
     Raises:
         ConfigError: the URL is not a string, has an unknown scheme, a bad port, a bad
@@ -222,7 +224,13 @@ def _parse_multi_host(scheme: str, rest: str, username: str | None,
             db = _parse_db(segments[1])
     elif segments:
         raise ConfigError("redis+cluster:// URL takes no database path (a cluster has only db 0)")
-    options = _parse_options(dict(parse_qsl(query_text, keep_blank_values=True)))
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
+    extra: dict[str, Any] = {}
+    if scheme == "redis+sentinel":  # ssl, sentinel_ssl, sentinel_username/_password
+        from flexisync import _sentinel  # noqa: PLC0415
+
+        extra = _sentinel.parse_url_options(query)
+    options = {**_parse_options(query), **extra}
     return ConnectionSpec(scheme=scheme, hosts=hosts, service=service, db=db,
                           username=username, password=password, options=options)
 
@@ -427,6 +435,17 @@ def validate_redis_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
+#: Connection settings every client flexisync builds starts from (single node, Sentinel
+#: data nodes, Cluster nodes); URL options and ``connect(**redis_options)`` override them.
+CLIENT_DEFAULTS: Mapping[str, Any] = {
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 2.0,
+    "socket_keepalive": True,
+    "health_check_interval": 0,
+    "protocol": 2,  # the same reply shapes on redis-py 5 through 8
+}
+
+
 def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
     """Build a redis-py client for ``spec``; ``redis_options`` override our defaults.
 
@@ -446,11 +465,7 @@ def build_client(spec: ConnectionSpec, **redis_options: Any) -> Any:
 
         return _cluster.build_client(spec, redis_options)
     options: dict[str, Any] = {
-        "socket_timeout": 5.0,
-        "socket_connect_timeout": 2.0,
-        "socket_keepalive": True,
-        "health_check_interval": 0,
-        "protocol": 2,  # the same reply shapes on redis-py 5 through 8
+        **CLIENT_DEFAULTS,
         "db": spec.db,
         "username": spec.username,
         "password": spec.password,
@@ -585,14 +600,40 @@ class RetryPolicy:
 
 _TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError)
 
+#: Redis Cluster replies and client states that mean "not now, and nothing was run":
+#: CLUSTERDOWN / MASTERDOWN (a failover in progress), TRYAGAIN (a slot migrating),
+#: too many redirects, a slot no master serves yet. Retried like a connect error, even
+#: for a command that must not run twice.
+_CLUSTER_NOT_RUN = (rexc.ClusterDownError, rexc.TryAgainError, rexc.ClusterError,
+                    rexc.SlotNotCoveredError)
+
+#: What a call through redis-py may raise that the error boundary handles
+#: (``RedisClusterException`` is not a ``RedisError``).
+CALL_ERRORS = (rexc.RedisError, OSError, rexc.RedisClusterException)
+
 
 def is_transient(exc: BaseException) -> bool:
-    """A network-level failure worth retrying (not an auth failure)."""
+    """A network-level failure worth retrying (not an auth failure), or a cluster
+    that cannot serve the slot right now (failover, migration, topology refresh)."""
+    if isinstance(exc, _CLUSTER_NOT_RUN) or _cluster_unreachable(exc):
+        return True
     return isinstance(exc, _TRANSIENT) and not isinstance(exc, rexc.AuthenticationError)
+
+
+def _cluster_unreachable(exc: BaseException) -> bool:
+    """redis-py's cluster client could not refresh its slot map (no node answered, or
+    the slots are not all served yet): nothing was sent."""
+    if type(exc) is not rexc.RedisClusterException:
+        return False
+    text = str(exc)
+    return "cannot be connected" in text or "not covered" in text \
+        or "No targets were found" in text
 
 
 def _is_connect_error(exc: BaseException) -> bool:
     """True when the command cannot have reached the server (it failed to connect)."""
+    if isinstance(exc, _CLUSTER_NOT_RUN) or _cluster_unreachable(exc):
+        return True
     text = str(exc)
     return "connecting to" in text or "Timeout connecting" in text \
         or "deadline reached before the command was sent" in text \
@@ -677,7 +718,7 @@ class Backend:
         token = _DEADLINE.set(bound)
         try:
             return fn(self.client)
-        except (rexc.RedisError, OSError) as exc:
+        except CALL_ERRORS as exc:
             first: BaseException = exc
         finally:
             _DEADLINE.reset(token)
@@ -698,7 +739,7 @@ class Backend:
             token = _DEADLINE.set(bound)
             try:
                 return fn(self.client)
-            except (rexc.RedisError, OSError) as exc:
+            except CALL_ERRORS as exc:
                 failure = exc
             finally:
                 _DEADLINE.reset(token)
@@ -718,7 +759,8 @@ class Backend:
         """
         found = self._scripts.get(name)
         if found is None:
-            found = self._scripts[name] = self.client.register_script(load_script(name))
+            text = load_script(name, sharded=self.is_cluster)
+            found = self._scripts[name] = self.client.register_script(text)
         return found
 
     def run_script(self, operation: str, name: str, keys: Sequence[str],
@@ -752,22 +794,35 @@ def translate(operation: str, exc: BaseException, address: str, attempts: int,
     return BackendError(operation, str(exc))
 
 
-_script_cache: dict[str, str] = {}
+_script_cache: dict[tuple[str, bool], str] = {}
 
 
 _INCLUDE = re.compile(r"^-- include: ([a-z_]+)$", re.MULTILINE)
 
+#: How a script publishes on its object's channel; ``sharded=True`` swaps it for
+#: ``SPUBLISH`` (Redis Cluster: the channel carries the object's hash tag, so it is in
+#: the slot of the script's keys and a sharded channel of that slot).
+_PUBLISH = "redis.call('PUBLISH', "
+_SPUBLISH = "redis.call('SPUBLISH', "
 
-def load_script(name: str) -> str:
+
+def load_script(name: str, *, sharded: bool = False) -> str:
     """The text of ``flexisync/_scripts/<name>.lua`` (read once per process).
 
     A line ``-- include: other`` puts ``other.lua`` (helpers shared by a family of
-    scripts, e.g. ``lock_lib``) in front of the script, once.
+    scripts, e.g. ``lock_lib``) in front of the script, once. With ``sharded=True``
+    (Redis Cluster) every ``redis.call('PUBLISH', ...)`` becomes
+    ``redis.call('SPUBLISH', ...)``: the script publishes on its object's sharded
+    channel. The text returned is exactly what runs, so its SHA1 is the EVALSHA digest.
     """
-    text = _script_cache.get(name)
+    text = _script_cache.get((name, sharded))
     if text is None:
-        text = resources.files("flexisync._scripts").joinpath(f"{name}.lua").read_text("utf-8")
-        for lib in dict.fromkeys(_INCLUDE.findall(text)):
-            text = load_script(lib) + "\n" + text
-        _script_cache[name] = text
+        if sharded:
+            text = load_script(name).replace(_PUBLISH, _SPUBLISH)
+        else:
+            text = resources.files("flexisync._scripts").joinpath(
+                f"{name}.lua").read_text("utf-8")
+            for lib in dict.fromkeys(_INCLUDE.findall(text)):
+                text = load_script(lib) + "\n" + text
+        _script_cache[(name, sharded)] = text
     return text

@@ -18,6 +18,13 @@ Guarantees:
 
 Handlers run on the listener thread: they must be quick and must not block (hand work
 to another thread). A raising handler is logged and counted; it never stops delivery.
+
+Redis Cluster: :class:`flexisync._cluster_listener.ClusterListener` is a ``Listener`` whose
+keys live on several connections ("links", each a ``Listener`` of the sharded or classic
+flavour sharing its owner's condition); the hooks below (``_link_of``, ``_place``,
+``_unplace``, ``_new_connection``, ``_connection_lost``, ``_redirected``,
+``_unsolicited_unsubscribe``, ``_excess_error``) are where it plugs in. A plain
+``Listener`` is its own one link.
 """
 
 from __future__ import annotations
@@ -40,11 +47,18 @@ from flexisync._core.plan import Signal
 from flexisync._log import get_logger
 from flexisync.errors import BackendError, BackendUnavailable
 
-__all__ = ["Handler", "Listener", "Registration"]
+__all__ = ["Handler", "Listener", "Registration", "pubsub_connection"]
 
 # handler(channel, data, pattern): pattern is None for a plain channel subscription.
 Handler = Callable[[str, bytes, "str | None"], None]
 _Key = tuple[str, str]  # ("channel" | "pattern", name)
+
+_CLASSIC_COMMANDS = ({"channel": "SUBSCRIBE", "pattern": "PSUBSCRIBE"},
+                     {"channel": "UNSUBSCRIBE", "pattern": "PUNSUBSCRIBE"})
+#: The sharded flavour (Redis Cluster): channels by SSUBSCRIBE in their slot's master.
+_SHARDED_COMMANDS = ({"channel": "SSUBSCRIBE", "pattern": "PSUBSCRIBE"},
+                     {"channel": "SUNSUBSCRIBE", "pattern": "PUNSUBSCRIBE"})
+_SUBSCRIBES = frozenset(("SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"))
 
 
 class Registration:
@@ -93,8 +107,11 @@ class Listener:
 
     def __init__(self, backend: Backend, *, name: str = "flexisync-listener",
                  ping_interval: float = 2.0, ping_timeout: float = 2.0,
-                 poll: float = 0.25, backoff_max: float = 2.0) -> None:
+                 poll: float = 0.25, backoff_max: float = 2.0, sharded: bool = False) -> None:
         self._backend = backend
+        self._sharded = sharded
+        self._subscribe_commands, self._unsubscribe_commands = (
+            _SHARDED_COMMANDS if sharded else _CLASSIC_COMMANDS)
         self._name = name
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -118,6 +135,7 @@ class Listener:
         self._hooks_due = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._retry_now = threading.Event()  # reconnect()/close(): cut a backoff short
         self._closed = False
 
     def _reset_connection_state(self) -> None:
@@ -188,6 +206,7 @@ class Listener:
         with self._cond:
             self._closed = True
             self._stop.set()
+            self._retry_now.set()
             conn, self._conn = self._conn, None
             self._handlers.clear()
             self._reset_connection_state()
@@ -204,6 +223,7 @@ class Listener:
         A no-op when not connected."""
         with self._cond:
             conn = self._conn
+        self._retry_now.set()  # also when not connected: retry now, not after the backoff
         if conn is not None:
             _disconnect(conn)  # wakes the reader with EOF; _run reconnects
 
@@ -273,8 +293,8 @@ class Listener:
             raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
         handlers = self._handlers.setdefault(key, [])
         handlers.append(handler)
-        if len(handlers) == 1 and self._conn is not None:
-            self._send_subscribe(self._conn, [key])
+        if len(handlers) == 1:
+            self._place(key)
         self._ensure_thread()
         self._waiting[key] = self._waiting.get(key, 0) + 1
         return Registration(self, key, handler), start + limit, limit
@@ -292,7 +312,7 @@ class Listener:
         (removing ``handler``). Caller holds ``_cond``."""
         if self._is_confirmed(key):
             return True
-        refused = self._refused.get(key) if self._is_settled(key) else None
+        refused = self._refusal(key) if self._is_settled(key) else None
         if refused is not None:
             self._remove_locked(key, handler)
             command = "subscribe" if key[0] == "channel" else "psubscribe"
@@ -307,21 +327,57 @@ class Listener:
 
     def _is_settled(self, key: _Key) -> bool:
         """Redis answered the latest (P)SUBSCRIBE of ``key`` on the live connection."""
-        seq = self._sub_seq.get(key)
-        return self._conn is not None and seq is not None and self._answered >= seq
+        link = self._link_of(key)
+        if link is None:
+            return False
+        seq = link._sub_seq.get(key)
+        return link._conn is not None and seq is not None and link._answered >= seq
 
     def _is_confirmed(self, key: _Key) -> bool:
-        return self._is_settled(key) and key not in self._refused
+        return self._is_settled(key) and self._refusal(key) is None
+
+    def _refusal(self, key: _Key) -> str | None:
+        """Why Redis refused ``key``'s latest subscribe, if it did."""
+        link = self._link_of(key)
+        return None if link is None else link._refused.get(key)
+
+    # --- where a key lives (a cluster listener spreads keys over several links) -----------
+
+    def _link_of(self, key: _Key) -> Listener | None:  # noqa: ARG002
+        """The listener whose connection carries ``key``'s subscription (caller holds
+        ``_cond``); ``None`` while it has none (a cluster key between two nodes)."""
+        return self
+
+    def _place(self, key: _Key) -> None:
+        """``key`` got its first handler: subscribe it (caller holds ``_cond``)."""
+        if self._conn is not None:
+            self._send_subscribe(self._conn, [key])
+
+    def _unplace(self, key: _Key) -> tuple[Listener, int] | None:
+        """``key`` lost its last handler: forget it and send the unsubscribe (caller
+        holds ``_cond``). Returns the link and the number of the unsubscribe to await."""
+        self._sub_seq.pop(key, None)
+        refused = self._refused.pop(key, None)
+        conn = self._conn
+        if conn is None or refused is not None:
+            return None  # nothing to undo on the server
+        return self, self._send(conn, [(self._unsubscribe_commands[key[0]], key)])
+
+    def _on_listener_thread(self) -> bool:
+        """True on a thread that reads this listener's replies (it must never wait
+        for one)."""
+        return threading.current_thread() is self._thread
 
     def _remove(self, key: _Key, handler: Handler, *, wait: bool = False) -> None:
         with self._cond:
-            target = self._remove_locked(key, handler)
-            if not wait or target is None or threading.current_thread() is self._thread:
+            found = self._remove_locked(key, handler)
+            if not wait or found is None or self._on_listener_thread():
                 return
-            gen = self._gen
+            link, target = found
+            gen = link._gen
             deadline = time.monotonic() + self.ping_timeout
-            while (self._gen == gen and self._conn is not None and not self._closed
-                   and self._answered < target):
+            while (link._gen == gen and link._conn is not None and not self._closed
+                   and link._answered < target):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return  # delivery already stopped here; only the server lags
@@ -331,18 +387,19 @@ class Listener:
         """:meth:`_remove` with ``wait=True``, awaiting the UNSUBSCRIBE's answer."""
         signal = Signal()
         with self._cond:
-            target = self._remove_locked(key, handler)
-            if target is None:
+            found = self._remove_locked(key, handler)
+            if found is None:
                 return
-            gen = self._gen
+            link, target = found
+            gen = link._gen
             deadline = time.monotonic() + self.ping_timeout
             self._signals.add(signal)
         try:
             while True:
                 with self._cond:
                     signal.clear()
-                    if (self._gen != gen or self._conn is None or self._closed
-                            or self._answered >= target):
+                    if (link._gen != gen or link._conn is None or self._closed
+                            or link._answered >= target):
                         return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -352,8 +409,9 @@ class Listener:
             with self._cond:
                 self._signals.discard(signal)
 
-    def _remove_locked(self, key: _Key, handler: Handler) -> int | None:
-        """Drop ``handler``; returns the number of the UNSUBSCRIBE to await, if sent."""
+    def _remove_locked(self, key: _Key, handler: Handler) -> tuple[Listener, int] | None:
+        """Drop ``handler``; returns the link and the number of the UNSUBSCRIBE to
+        await, if one was sent."""
         handlers = self._handlers.get(key)
         if not handlers or handler not in handlers:
             return None
@@ -361,13 +419,7 @@ class Listener:
         if handlers:
             return None
         del self._handlers[key]
-        self._sub_seq.pop(key, None)
-        refused = self._refused.pop(key, None)
-        conn = self._conn
-        if conn is None or refused is not None:
-            return None  # nothing to undo on the server
-        command = "UNSUBSCRIBE" if key[0] == "channel" else "PUNSUBSCRIBE"
-        return self._send(conn, [(command, key)])
+        return self._unplace(key)
 
     def _send_subscribe(self, conn: Any, keys: list[_Key]) -> None:
         """Send one (P)SUBSCRIBE per key, in one write; caller holds ``_cond``.
@@ -375,8 +427,7 @@ class Listener:
         One command per key so that a refusal (one error reply for the whole command)
         is pinned on exactly the key Redis refused.
         """
-        commands = [("SUBSCRIBE" if key[0] == "channel" else "PSUBSCRIBE", key)
-                    for key in keys]
+        commands = [(self._subscribe_commands[key[0]], key) for key in keys]
         last = self._send(conn, commands)
         for offset, key in enumerate(keys):
             self._sub_seq[key] = last - len(keys) + 1 + offset
@@ -431,11 +482,23 @@ class Listener:
                 if not outage_logged:
                     self._log.warning("events.disconnected", error=f"{type(exc).__name__}: {exc}")
                     outage_logged = True
+                try:
+                    self._connection_lost()
+                except Exception:
+                    self._log.exception("events.reroute_failed")
                 delay = min(self._backoff_max, 0.05 * 2 ** min(failures - 1, 10))
-                self._stop.wait(random.uniform(delay / 2, delay))
+                self._retry_now.wait(random.uniform(delay / 2, delay))
+                self._retry_now.clear()
+
+    def _new_connection(self) -> Any:
+        """A fresh pub/sub connection (not yet connected, or connected)."""
+        return _make_connection(self._backend.client)
+
+    def _connection_lost(self) -> None:
+        """Called on the listener thread after each failed connection or attempt."""
 
     def _connect(self) -> Any:
-        conn = _make_connection(self._backend.client)
+        conn = self._new_connection()
         conn.connect()
         with self._cond:
             if self._stop.is_set():
@@ -475,20 +538,46 @@ class Listener:
 
     def _dispatch(self, reply: Any) -> None:
         if isinstance(reply, rexc.ResponseError):
-            self._answer(None, reply)
+            if not self._excess_error(reply):
+                self._answer(None, reply)
             return
         if not isinstance(reply, list) or not reply:
             # A plain reply (b"PONG" once no subscription is left) answers a command too.
             self._answer(_text(reply), None)
             return
         kind = _text(reply[0])
-        if kind == "message":
+        if kind in ("message", "smessage"):
             self._deliver(("channel", _text(reply[1])), _text(reply[1]), reply[2], None)
         elif kind == "pmessage":
             pattern = _text(reply[1])
             self._deliver(("pattern", pattern), _text(reply[2]), reply[3], pattern)
-        elif kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe", "pong"):
+        elif kind == "sunsubscribe" and not self._answers_head(
+                "SUNSUBSCRIBE", ("channel", _text(reply[1]))):
+            # Not the answer to our SUNSUBSCRIBE: Redis dropped the channel because its
+            # slot moved to another node (cluster resharding or failover).
+            self._unsolicited_unsubscribe(_text(reply[1]))
+        elif kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe", "pong",
+                      "ssubscribe", "sunsubscribe"):
             self._answer(kind, None)
+
+    def _answers_head(self, command: str, key: _Key) -> bool:
+        """True when the oldest command awaiting its reply is ``command`` on ``key``."""
+        with self._cond:
+            return bool(self._pending) and self._pending[0] == (command, key)
+
+    def _unsolicited_unsubscribe(self, channel: str) -> None:
+        """Redis dropped ``channel`` on its own (sharded: the slot moved away)."""
+        self._log.warning("events.unexpected_reply", kind="sunsubscribe", channel=channel)
+
+    def _excess_error(self, error: rexc.ResponseError) -> bool:  # noqa: ARG002
+        """True for an error reply that answers no pending command (dropped)."""
+        return False
+
+    def _redirected(self, command: str, key: _Key | None,  # noqa: ARG002
+                    error: rexc.ResponseError) -> bool:  # noqa: ARG002
+        """Handle a cluster redirection (MOVED...) answering ``command``; caller holds
+        ``_cond``. True when handled (neither a refusal nor worth a warning)."""
+        return False
 
     def _answer(self, kind: str | None, error: rexc.ResponseError | None) -> None:
         """Redis answered the oldest command still pending: a reply or an error."""
@@ -498,8 +587,9 @@ class Listener:
                 return
             command, key = self._pending.popleft()
             self._answered += 1
-            if error is not None and key is not None and command.endswith("SUBSCRIBE") \
-                    and not command.endswith("UNSUBSCRIBE") \
+            if error is not None and self._redirected(command, key, error):
+                pass
+            elif error is not None and key is not None and command in _SUBSCRIBES \
                     and self._sub_seq.get(key) == self._answered:
                 reason = str(error)
                 if isinstance(error, rexc.NoPermissionError):
@@ -629,12 +719,19 @@ def _make_connection(client: Any) -> Any:
         from flexisync import _sentinel  # noqa: PLC0415
 
         return _sentinel.pubsub_connection(client)
-    pool = client.connection_pool
+    return pubsub_connection(client.connection_pool)
+
+
+def pubsub_connection(pool: Any, **overrides: Any) -> Any:
+    """A fresh connection like ``pool``'s (``overrides`` on top: another host, port),
+    outside the pool, set up for pub/sub reading."""
     kwargs = dict(pool.connection_kwargs)
+    kwargs.update(overrides)
     kwargs["decode_responses"] = False
     kwargs["health_check_interval"] = 0
     kwargs["protocol"] = 2  # RESP2: confirmations and messages come back as replies
-    kwargs["socket_timeout"] = 10.0  # reads only follow can_read(); this bounds a stall
+    # Reads only follow can_read(); this bounds a stall.
+    kwargs["socket_timeout"] = overrides.get("socket_timeout", 10.0)
     return pool.connection_class(**kwargs)
 
 

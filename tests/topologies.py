@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -249,8 +250,6 @@ class _SentinelProcess:
                 process.kill()
                 process.wait(timeout=5.0)
         self.process = None
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -325,11 +324,14 @@ def start_sentinel(*, replicas: int = 1, sentinels: int = 3, binary: str | None 
     servers: list[EmbeddedRedis] = []
     procs: list[_SentinelProcess] = []
     try:
-        master = start(binary=binary)
+        # No 5 s wait before a full sync (Redis 7's diskless default): replicas are in
+        # sync when ready() returns, so WAIT and failovers work from the start.
+        nodelay = ["--repl-diskless-sync-delay", "0"]
+        master = start(binary=binary, args=nodelay)
         servers.append(master)
         for _ in range(replicas):
             servers.append(start(binary=binary, args=[
-                "--replicaof", "127.0.0.1", str(master.port)]))
+                *nodelay, "--replicaof", "127.0.0.1", str(master.port)]))
         for _ in range(sentinels):
             procs.append(_SentinelProcess(binary, _free_port(), master.port,
                                           down_after_ms=down_after_ms,
@@ -339,7 +341,9 @@ def start_sentinel(*, replicas: int = 1, sentinels: int = 3, binary: str | None 
         def ready() -> bool:
             with contextlib.closing(_client(master.port)) as c:
                 info = c.info("replication")
-                if int(info.get("connected_slaves", 0)) < replicas:
+                online = [v for k, v in info.items() if k.startswith("slave")
+                          and isinstance(v, dict) and v.get("state") == "online"]
+                if len(online) < replicas:
                     return False
             for proc in procs:
                 if not proc.running:

@@ -37,21 +37,37 @@ wake-up registrations and the auto-renew watchdog. How it works:
   ``on_lost(lock)`` on a thread of its own.
 * **Fork.** A forked child holds nothing: inherited lock objects report not owned and
   never touch the parent's lease.
+* **replicas=N** (Sentinel, or any master with replicas): the acquire script and
+  ``WAIT N timeout`` go out pipelined on one connection (no transaction), so ``WAIT``
+  counts the replicas that acknowledged that very acquire. Fewer than N within
+  ``replicas_timeout``: the lease is dropped again (by token, as an abandoned
+  acquire) and the acquire raises :class:`~flexisync.errors.LockError`. Such an
+  acquire is never retried after its command was sent (a retry on a fresh connection
+  that finds the lease already its own writes nothing, and ``WAIT`` would confirm
+  nothing). Replication stays asynchronous: ``WAIT`` makes a failover that promotes a
+  confirming replica keep the lease; it does not make Redis strongly consistent (a
+  replica that acknowledged may still lose the write, e.g. if it restarts without
+  persistence before the failover). Release and renewals are not confirmed.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import redis.exceptions as rexc
+
+from flexisync._cluster import scan_page
+from flexisync._connection import load_script
 from flexisync._core.lock_runtime import LockRuntime, runtime
-from flexisync._core.plan import Call, Plan, Script, run
+from flexisync._core.plan import Call, Plan, Script, Step, run
 from flexisync._core.waiting import owner_token, wait_for_turn
 from flexisync._durations import Duration, optional_seconds, seconds, to_ms
 from flexisync._keys import validate_name
@@ -71,8 +87,8 @@ if TYPE_CHECKING:
     from flexisync._core.context import Context
     from flexisync._listener import Registration
 
-__all__ = ["FENCE_IDLE_TTL", "GRACE", "QUEUE_ENTRY_TTL", "LockCore", "LockInfo",
-           "LockRuntime", "list_locks_plan", "runtime"]
+__all__ = ["FENCE_IDLE_TTL", "GRACE", "QUEUE_ENTRY_TTL", "ConfirmedScript", "LockCore",
+           "LockInfo", "LockRuntime", "check_replicas", "list_locks_plan", "runtime"]
 
 #: A fair-mode queue entry lives this long unless its waiter refreshes it (seconds).
 QUEUE_ENTRY_TTL = 3.0
@@ -115,6 +131,101 @@ class LockInfo:
     waiters: int = 0
 
 
+# --- replicas=N -----------------------------------------------------------------------
+
+
+def check_replicas(ctx: Context, replicas: object, timeout: Duration) -> tuple[int, float]:
+    """Validate ``lock(..., replicas=N, replicas_timeout=T)``; returns ``(N, T)``.
+
+    Raises:
+        ConfigError: ``replicas`` is not an int >= 0; ``replicas_timeout`` is not a
+            positive number of seconds or leaves no room (:data:`GRACE`) within the
+            retry policy's deadline; replicas are asked of Redis Cluster (``WAIT``
+            would have to run on the key's node: not supported) or of ``memory://``.
+    """
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ConfigError(f"replicas must be an int >= 0, got {replicas!r}")
+    wait = seconds(timeout, "replicas_timeout")
+    if not replicas:
+        return 0, wait
+    topology = ctx.backend.topology
+    if topology in ("cluster", "memory"):
+        raise ConfigError(
+            f"replicas={replicas} is not supported on "
+            f"{'Redis Cluster' if topology == 'cluster' else 'memory://'}: it needs WAIT on "
+            "the connection that ran the acquire, on a master with replicas (single node "
+            "with replicas, or Sentinel)")
+    deadline = ctx.backend.retry.deadline
+    if wait + GRACE > deadline:
+        raise ConfigError(
+            f"replicas_timeout ({wait:g}s) must leave {GRACE:g}s within the retry "
+            f"policy's deadline ({deadline:g}s): lower it or raise RetryPolicy(deadline=)")
+    return replicas, wait
+
+
+@dataclass(slots=True, eq=False)
+class ConfirmedScript(Step):
+    """A Lua script and ``WAIT replicas timeout_ms`` pipelined on one connection (no
+    transaction); result: ``(script reply, replicas that acknowledged)``.
+
+    Never retried once sent (``idempotent=False``): a retry on another connection
+    could find its work already done, write nothing, and be "confirmed" by a WAIT
+    that had nothing to wait for."""
+
+    operation: str
+    name: str
+    keys: Sequence[str]
+    args: Sequence[Any]
+    replicas: int
+    timeout_ms: int
+    deadline: float | None = None
+    undo: Callable[[], Plan[Any]] | None = None
+
+    def _pipe(self, client: Any, sha: str) -> Any:
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(sha, len(self.keys), *self.keys, *self.args)
+        pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+        return pipe
+
+    def run(self, ctx: Context) -> Any:
+        text, sha = _script_text(self.name)
+
+        def fn(client: Any) -> Any:
+            replies = self._pipe(client, sha).execute(raise_on_error=False)
+            if isinstance(replies[0], rexc.NoScriptError):  # nothing ran: load, once more
+                client.script_load(text)
+                replies = self._pipe(client, sha).execute(raise_on_error=False)
+            return _confirmed(replies)
+
+        return ctx.backend.call(self.operation, fn, idempotent=False, deadline=self.deadline)
+
+    async def arun(self, ctx: Context) -> Any:
+        text, sha = _script_text(self.name)
+
+        async def fn(client: Any) -> Any:
+            replies = await self._pipe(client, sha).execute(raise_on_error=False)
+            if isinstance(replies[0], rexc.NoScriptError):
+                await client.script_load(text)
+                replies = await self._pipe(client, sha).execute(raise_on_error=False)
+            return _confirmed(replies)
+
+        return await ctx.abackend.call(self.operation, fn, idempotent=False,
+                                       deadline=self.deadline)
+
+
+def _script_text(name: str) -> tuple[str, str]:
+    text = load_script(name)
+    return text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def _confirmed(replies: list[Any]) -> tuple[Any, int]:
+    """(script reply, acknowledgements); an error reply raised as itself."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies[0], int(replies[1])
+
+
 # --- the lock, as plans --------------------------------------------------------------
 
 
@@ -122,18 +233,21 @@ class LockCore:
     """State and plans of one lock object; the shells subclass it and run the plans.
 
     Attributes:
-        name, ttl, timeout, auto_renew, fair, on_lost: as ``Coordinator.lock``.
+        name, ttl, timeout, auto_renew, fair, on_lost, replicas, replicas_timeout: as
+            ``Coordinator.lock``.
     """
 
     def __init__(self, ctx: Context, name: str, *, ttl: Duration, timeout: Duration | None,
                  auto_renew: bool, fair: bool, on_lost: Callable[[Any], None] | None,
-                 ) -> None:
-        """Raises ConfigError for a bad name, ``ttl``, ``timeout`` or ``on_lost``."""
+                 replicas: int = 0, replicas_timeout: Duration = 1.0) -> None:
+        """Raises ConfigError for a bad name, ``ttl``, ``timeout``, ``on_lost``,
+        ``replicas`` or ``replicas_timeout`` (see :func:`check_replicas`)."""
         name = validate_name(name, "lock name")
         ttl = seconds(ttl, "ttl")
         timeout = optional_seconds(timeout, "timeout", allow_zero=True)
         if on_lost is not None and not callable(on_lost):
             raise ConfigError(f"on_lost must be callable, not {type(on_lost).__name__}")
+        self.replicas, self.replicas_timeout = check_replicas(ctx, replicas, replicas_timeout)
         self.name = name
         self.ttl = ttl
         self.timeout = timeout
@@ -226,15 +340,31 @@ class LockCore:
             args += ["1" if waiting else "0", self._queue_ms]
         started = time.monotonic()
         bound = None if deadline is None else max(deadline, started + GRACE)
+        undo = functools.partial(self._abandon, token, True)
         try:
-            reply = yield Script("lock.acquire", "lock_acquire", self._acquire_keys(token),
-                                 args, deadline=bound,
-                                 undo=functools.partial(self._abandon, token, True))
+            if self.replicas:
+                if bound is not None:  # WAIT must end in time for its reply to be read
+                    bound = max(bound, started + self.replicas_timeout + GRACE)
+                reply, acked = yield ConfirmedScript(
+                    "lock.acquire", "lock_acquire", self._acquire_keys(token), args,
+                    self.replicas, to_ms(self.replicas_timeout), deadline=bound, undo=undo)
+            else:
+                reply = yield Script("lock.acquire", "lock_acquire", self._acquire_keys(token),
+                                     args, deadline=bound, undo=undo)
+                acked = 0
         except Exception:
             yield from self._abandon(token)
             raise
         if int(reply[0]) != 1:
             return False, int(reply[1])
+        if int(acked) < self.replicas:
+            _logger().warning("lock.not_replicated", lock=self.name, replicas=self.replicas,
+                              confirmed=int(acked), timeout=self.replicas_timeout)
+            yield from self._abandon(token)
+            raise LockError(self.name, (
+                f"lock {self.name!r} was acquired but only {int(acked)} of "
+                f"{self.replicas} replicas confirmed it within {self.replicas_timeout:g}s "
+                "(replicas=); it was released again, nothing is held"))
         with self._mutex:
             self._token = token
             self._fence = int(reply[1])
@@ -531,7 +661,8 @@ def list_locks_plan(ctx: Context) -> Plan[list[LockInfo]]:
 
 
 def _scan(cursor: Any, match: str, client: Any) -> Any:
-    return client.scan(cursor, match=match, count=500)
+    # A cluster's SCAN visits every master in turn (flexisync._cluster.scan_page).
+    return scan_page(cursor, match, 500, client)
 
 
 def _read_leases(chunk: list[str], client: Any) -> Any:

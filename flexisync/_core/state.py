@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions as rexc
 
+from flexisync._cluster import scan_page
 from flexisync._codec import dumps, loads
 from flexisync._core.plan import Call, Plan, Script, Sleep
 from flexisync._durations import Duration, optional_seconds, to_ms
@@ -253,7 +254,8 @@ class StateShell:
 
 
 def _scan_page(cursor: Any, pattern: str, client: Any) -> Any:
-    return client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+    # A cluster's SCAN visits every master in turn (flexisync._cluster.scan_page).
+    return scan_page(cursor, pattern, _SCAN_COUNT, client)
 
 
 def _mget(keys: list[str], client: Any) -> Any:

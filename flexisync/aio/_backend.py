@@ -29,7 +29,14 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from flexisync._connection import RetryPolicy, call_bound, load_script, next_pause, translate
+from flexisync._connection import (
+    CALL_ERRORS,
+    RetryPolicy,
+    call_bound,
+    load_script,
+    next_pause,
+    translate,
+)
 from flexisync._log import get_logger
 from flexisync.errors import BackendUnavailable, ConfigError
 
@@ -109,8 +116,12 @@ class AsyncBackend:
     """``redis.asyncio`` clients (one per event loop) plus retries and deadlines."""
 
     def __init__(self, make_client: Callable[[], Any], *, address: str,
-                 retry: RetryPolicy, max_connections: int = 100) -> None:
+                 retry: RetryPolicy, max_connections: int = 100,
+                 sharded: bool | None = None) -> None:
         self._make_client = make_client
+        #: Scripts publish with SPUBLISH (Redis Cluster); ``None``: decided by the
+        #: kind of client ``make_client`` builds, on first use.
+        self._sharded = sharded
         self.max_connections = max_connections
         self.address = address
         self.retry = retry
@@ -121,6 +132,14 @@ class AsyncBackend:
         self._shas: dict[str, str] = {}
         self._pid = os.getpid()
         self._log = get_logger("connection", address=address)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the clients are ``redis.asyncio.RedisCluster`` (scripts SPUBLISH)."""
+        found = self._sharded
+        if found is None:
+            found = self._sharded = bool(getattr(self._make_client, "sharded", False))
+        return found
 
     def client(self) -> Any:
         """The running event loop's client (built on first use in that loop)."""
@@ -169,7 +188,7 @@ class AsyncBackend:
                     return await self._attempt(fn, client, bound)
                 finally:
                     slots.release()
-            except (rexc.RedisError, OSError) as exc:
+            except CALL_ERRORS as exc:
                 failure: BaseException = exc
             pause = next_pause(policy, failure, attempts, idempotent=idempotent, bound=bound)
             if pause is None:
@@ -196,7 +215,7 @@ class AsyncBackend:
                          deadline: float | None = None,
                          retry: RetryPolicy | None = None) -> Any:
         """Run ``flexisync/_scripts/<name>.lua`` by EVALSHA (loading it on NOSCRIPT)."""
-        text = load_script(name)
+        text = load_script(name, sharded=self.sharded)
         sha = self._shas.get(name)
         if sha is None:
             sha = self._shas[name] = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()

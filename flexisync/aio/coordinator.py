@@ -80,12 +80,14 @@ class AsyncCoordinator:
 
     def lock(self, name: str, *, ttl: Duration = 30.0, timeout: Duration | None = None,
              auto_renew: bool = False, fair: bool = False,
-             on_lost: Callable[[Any], None] | None = None) -> AsyncLock:
+             on_lost: Callable[[Any], None] | None = None, replicas: int = 0,
+             replicas_timeout: Duration = 1.0) -> AsyncLock:
         """An :class:`~flexisync.aio.locks.AsyncLock`; as ``Coordinator.lock``."""
         from flexisync.aio.locks import AsyncLock  # noqa: PLC0415
 
-        return AsyncLock(self._ctx, name, ttl=ttl, timeout=timeout,
-                         auto_renew=auto_renew, fair=fair, on_lost=on_lost)
+        return AsyncLock(self._ctx, name, ttl=ttl, timeout=timeout, auto_renew=auto_renew,
+                         fair=fair, on_lost=on_lost, replicas=replicas,
+                         replicas_timeout=replicas_timeout)
 
     def semaphore(self, name: str, limit: int, *, lease: Duration = 60.0,
                   timeout: Duration | None = None) -> AsyncSemaphore:

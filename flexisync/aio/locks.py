@@ -18,6 +18,8 @@ Cancellation leaves nothing held by nobody:
   released (the janitor repeats the release by token, which is idempotent).
 * ``extend``, ``locked``, ``owned`` cancelled: nothing to undo.
 * ``async with`` whose body is cancelled: the lock is released on the way out.
+* ``replicas=N``: as the blocking lock, the acquire and ``WAIT`` share one connection
+  (the event loop's); cancelled while ``WAIT`` runs, the acquire is undone by token.
 """
 
 from __future__ import annotations

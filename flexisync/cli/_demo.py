@@ -371,7 +371,7 @@ def run_demo(args: argparse.Namespace) -> int:
             error(f"{exc} (or pass --url / set FLEXISYNC_URL)")
             return EXIT_PROBLEM
         url = server.url
-        print(f"No --url and no FLEXISYNC_URL: started a throwaway redis-server at {url} "
+        print(f"No --url and no FLEXISYNC_URL: started a throwaway {server.name} at {url} "
               f"({server.binary}; stopped at the end).", file=out, flush=True)
     namespace = f"{args.namespace}-demo-{uuid.uuid4().hex[:8]}"
     try:

@@ -2,7 +2,10 @@
 
 Checks, each reported as ``ok``, ``info``, ``warn`` or ``fail``:
 
-* server: version (6.2 or later is required) and deployment mode;
+* server: version (6.2 or later is required; 7.0 on a Cluster, for sharded pub/sub)
+  and deployment mode; on a ``redis+cluster://`` URL, every master's version;
+* cluster (``redis+cluster://`` only): ``cluster_state`` and slot coverage as each
+  master sees them, and which masters have no replica;
 * round trip: median and worst of 20 PINGs;
 * eviction: ``maxmemory-policy`` must be ``noeviction``, because an evicted lock key is
   a lock two workers both believe they hold;
@@ -53,6 +56,7 @@ __all__ = ["COMMANDS", "Check", "diagnose", "recommended_acl", "run_doctor"]
 
 Status = Literal["ok", "info", "warn", "fail"]
 MIN_VERSION = (6, 2)
+CLUSTER_MIN_VERSION = (7, 0)  # SPUBLISH / SSUBSCRIBE
 PINGS = 20
 
 
@@ -120,9 +124,16 @@ def diagnose(sync: Coordinator, *, topics: Sequence[str] = ()) -> list[Check]:
         return [Check("connection", "fail", f"connecting failed: {exc.reason}. An ACL that "
                                             "grants what flexisync needs: "
                                             + recommended_acl(sync.namespace, topics=topics))]
-    info = _info(backend)
-    checks = [_server(info), _latency(rtts), _eviction(backend, info),
-              _persistence(backend, info), _replication(info)]
+    if backend.topology == "cluster":
+        masters = _per_master(backend, lambda c, nodes: c.info("all", target_nodes=nodes))
+        info = next(iter(masters.values()), {})
+        checks = [_cluster_server(masters), _cluster_state(backend, masters),
+                  _latency(rtts), _cluster_eviction(masters),
+                  _persistence(backend, info), _cluster_replication(masters)]
+    else:
+        info = _info(backend)
+        checks = [_server(info), _latency(rtts), _eviction(backend, info),
+                  _persistence(backend, info), _replication(info)]
     checks.extend(_permissions(backend, sync.namespace, topics))
     return checks
 
@@ -148,13 +159,21 @@ def _version(info: dict[str, Any]) -> tuple[int, ...] | None:
         return None
 
 
+def _product(info: dict[str, Any]) -> str:
+    """``"Valkey 9.1.2"`` or ``"Redis 7.0.15"`` from INFO (Valkey reports
+    ``redis_version:7.2.4`` for compatibility and its own version in ``valkey_version``)."""
+    if text(info.get("server_name", "")) == "valkey":
+        return f"Valkey {text(info.get('valkey_version', '?'))}"
+    return f"Redis {text(info.get('redis_version', '?'))}"
+
+
 def _server(info: dict[str, Any]) -> Check:
     if not info:
         return Check("server", "warn", "INFO is not permitted for this user: version and "
                                        "mode unknown")
     version = _version(info)
     mode = text(info.get("redis_mode", "standalone"))
-    label = f"Redis {text(info.get('redis_version', '?'))}, {mode}"
+    label = f"{_product(info)}, {mode}"
     if version is not None and version[:2] < MIN_VERSION:
         return Check("server", "fail", f"{label}: flexisync needs Redis "
                                        f"{MIN_VERSION[0]}.{MIN_VERSION[1]} or later")
@@ -162,9 +181,94 @@ def _server(info: dict[str, Any]) -> Check:
         return Check("server", "fail", f"{label}: this is a Sentinel, not a data node; "
                                        "connect with redis+sentinel://host:26379/service")
     if mode == "cluster":
-        return Check("server", "warn", f"{label}: redis+cluster:// URLs are not supported "
-                                       "yet; every object's keys share one hash slot")
+        return Check("server", "warn", f"{label}: this node is one of a Redis Cluster; "
+                                       "connect with redis+cluster://h1:7000,h2:7001 so that "
+                                       "every key reaches the master serving its slot")
     return Check("server", "ok", label)
+
+
+# --- Redis Cluster (redis+cluster:// URLs) -------------------------------------------
+
+
+def _per_master(backend: Backend, fn: Callable[[Any, Any], Any]) -> dict[str, dict[str, Any]]:
+    """``fn(client, masters)`` run on every master: ``{"host:port": reply}``, with the
+    reply's keys as text; ``{}`` when refused (no INFO permission)."""
+    try:
+        raw = backend.call("doctor.info", lambda c: fn(c, c.get_primaries()))
+    except BackendError:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        return {}
+    return {text(name): {text(k): v for k, v in reply.items()} for name, reply in raw.items()}
+
+
+def _cluster_server(masters: dict[str, dict[str, Any]]) -> Check:
+    if not masters:
+        return Check("server", "warn", "INFO is not permitted for this user: the masters' "
+                                       "versions are unknown")
+    versions = {name: text(info.get("redis_version", "?")) for name, info in masters.items()}
+    label = (f"Redis Cluster, {len(masters)} master(s): "
+             + ", ".join(f"{name} {version}" for name, version in sorted(versions.items())))
+    old = [name for name, info in masters.items()
+           if (_version(info) or (0,))[:2] < CLUSTER_MIN_VERSION]
+    if old:
+        return Check("server", "fail", f"{label}: flexisync needs Redis "
+                     f"{CLUSTER_MIN_VERSION[0]}.{CLUSTER_MIN_VERSION[1]} or later on every "
+                     f"master of a cluster (sharded pub/sub); too old: {', '.join(sorted(old))}")
+    return Check("server", "ok", label)
+
+
+def _cluster_state(backend: Backend, masters: dict[str, dict[str, Any]]) -> Check:
+    states = _per_master(backend, lambda c, nodes: c.cluster_info(target_nodes=nodes))
+    if not states:
+        return Check("cluster", "warn", "CLUSTER INFO is not permitted: cluster_state unknown")
+    bad = {name: info for name, info in states.items()
+           if text(info.get("cluster_state")) != "ok"
+           or text(info.get("cluster_slots_ok")) != "16384"}
+    first = next(iter(states.values()))
+    detail = (f"cluster_state ok on {len(states)} master(s), 16384 slots served, "
+              f"{text(first.get('cluster_known_nodes', '?'))} nodes known")
+    if bad:
+        return Check("cluster", "fail", "; ".join(
+            f"{name}: cluster_state {text(info.get('cluster_state'))}, "
+            f"{text(info.get('cluster_slots_ok', '?'))} of 16384 slots ok, "
+            f"{text(info.get('cluster_slots_fail', '?'))} failing"
+            for name, info in sorted(bad.items()))
+            + ": the keys of the slots not served fail until a replica is promoted")
+    del masters  # the versions are reported by the server check
+    return Check("cluster", "ok", detail)
+
+
+def _cluster_eviction(masters: dict[str, dict[str, Any]]) -> Check:
+    if not masters:
+        return Check("eviction", "warn", "could not read maxmemory-policy (INFO not "
+                                         "permitted); make sure it is noeviction everywhere")
+    wrong = {name: text(info.get("maxmemory_policy")) for name, info in masters.items()
+             if text(info.get("maxmemory_policy", "noeviction")) != "noeviction"}
+    if wrong:
+        return Check("eviction", "warn", "maxmemory-policy is not noeviction on "
+                     + ", ".join(f"{n} ({p})" for n, p in sorted(wrong.items()))
+                     + ": under memory pressure Redis may evict a held lock's key; set "
+                       "noeviction on every node")
+    return Check("eviction", "ok", f"maxmemory-policy is noeviction on all {len(masters)} "
+                                   "masters")
+
+
+def _cluster_replication(masters: dict[str, dict[str, Any]]) -> Check:
+    if not masters:
+        return Check("replication", "info", "unknown (INFO not permitted)")
+    alone = sorted(name for name, info in masters.items()
+                   if int(info.get("connected_slaves", 0) or 0) == 0)
+    if alone:
+        return Check("replication", "warn",
+                     f"master(s) without a replica: {', '.join(alone)}; when one fails its "
+                     "slots stay down (locks, breakers and streams there fail) until it is "
+                     "back")
+    counts = sorted({int(info.get("connected_slaves", 0) or 0) for info in masters.values()})
+    return Check("replication", "info",
+                 f"every master has {'/'.join(map(str, counts))} replica(s): replication is "
+                 "asynchronous, so a failover can lose a recently taken lock or breaker "
+                 "change; check fencing tokens at the resource")
 
 
 def _latency(rtts: list[float]) -> Check:
@@ -262,29 +366,38 @@ COMMANDS = [
     "publish", "subscribe", "psubscribe", "unsubscribe", "punsubscribe",
 ]
 
+# What a cluster connection also sends: redis-py's cluster client reads the slot map
+# (CLUSTER SLOTS) and the command table (COMMAND) when it starts; object channels are
+# sharded (SPUBLISH in the scripts, SSUBSCRIBE / SUNSUBSCRIBE by the listener).
+CLUSTER_COMMANDS = ["cluster|slots", "command", "spublish", "ssubscribe", "sunsubscribe"]
+
 # Sent on a connection of their own (closed afterwards), with the command that undoes
 # them where there is one: they change the connection's mode, name or database.
 _SESSION: dict[str, str | None] = {"SUBSCRIBE": "UNSUBSCRIBE", "PSUBSCRIBE": "PUNSUBSCRIBE",
-                                   "SELECT": None, "CLIENT": None}
+                                   "SSUBSCRIBE": "SUNSUBSCRIBE", "SELECT": None,
+                                   "CLIENT": None}
 
 
 def recommended_acl(namespace: str = "flexisync", user: str = "app", *,
-                    topics: Sequence[str] = ()) -> str:
+                    topics: Sequence[str] = (), cluster: bool = False) -> str:
     """An ``ACL SETUSER`` line granting exactly what flexisync needs under ``namespace``.
 
     Args:
         topics: the glob topics the application subscribes to; Redis grants a
             ``PSUBSCRIBE`` pattern only when it is listed literally, so each gets its
             own ``&<namespace>:events:<pattern>``.
+        cluster: for a Redis Cluster (set it on every node): also
+            :data:`CLUSTER_COMMANDS`.
     """
     globs = "".join(f" &{namespace}:events:{t}" for t in topics if is_pattern(t))
+    commands = [*COMMANDS, *CLUSTER_COMMANDS] if cluster else COMMANDS
     return (f"ACL SETUSER {user} on >CHANGE-ME resetkeys resetchannels "
             f"~{namespace}:* &{namespace}:*{globs} -@all "
-            + " ".join("+" + c for c in COMMANDS))
+            + " ".join("+" + c for c in commands))
 
 
 def _needed(namespace: str, *, db: int = 0, client_name: str | None = None,
-            ) -> list[_Probe]:
+            cluster: bool = False) -> list[_Probe]:
     """Every command flexisync sends, with arguments shaped like its real keys.
 
     Ordered so that, when run for real, each finds the key type it expects.
@@ -313,7 +426,13 @@ def _needed(namespace: str, *, db: int = 0, client_name: str | None = None,
         ("PSUBSCRIBE", f"{namespace}:events:*"), ("PUNSUBSCRIBE", f"{namespace}:events:*"),
         ("DEL", key, key + ":n", h, z, s),
     ]
-    names = {"XINFO": "xinfo|stream", "SCRIPT": "script|load"}
+    if cluster:  # no SELECT on a cluster (database 0 only); what its clients add
+        commands = [c for c in commands if c[0] != "SELECT"]
+        commands[-1:-1] = [("CLUSTER", "SLOTS"), ("COMMAND", "COUNT"),
+                           ("SPUBLISH", key, "doctor"), ("SSUBSCRIBE", key),
+                           ("SUNSUBSCRIBE", key)]
+    names = {"XINFO": "xinfo|stream", "SCRIPT": "script|load", "CLUSTER": "cluster|slots",
+             "COMMAND": "command"}
     probes = []
     for command in commands:
         name = command[0]
@@ -331,8 +450,9 @@ def _topic_probes(namespace: str, topics: Sequence[str]) -> list[_Probe]:
 
 def _permissions(backend: Backend, namespace: str, topics: Sequence[str]) -> list[Check]:
     kwargs = _connection_kwargs(backend)
+    cluster = backend.topology == "cluster"
     probes = _needed(namespace, db=int(kwargs.get("db") or 0),
-                     client_name=kwargs.get("client_name"))
+                     client_name=kwargs.get("client_name"), cluster=cluster)
     checked = _topic_probes(namespace, topics)
     denials, how = _denials(backend, [*probes, *checked])
     denied: list[str] = []
@@ -350,7 +470,7 @@ def _permissions(backend: Backend, namespace: str, topics: Sequence[str]) -> lis
         permissions = Check(
             "permissions", "fail",
             f"denied ({how}): " + "; ".join(denied) + ". An ACL that grants what flexisync "
-            "needs: " + recommended_acl(namespace, topics=topics))
+            "needs: " + recommended_acl(namespace, topics=topics, cluster=cluster))
     else:
         permissions = Check("permissions", "ok",
                             f"all {len(probes)} commands flexisync uses are allowed ({how})")
@@ -379,8 +499,18 @@ def _channel_denial(failure: str) -> bool:
 
 
 def _connection_kwargs(backend: Backend) -> dict[str, Any]:
-    pool = getattr(backend.client, "connection_pool", None)
-    return dict(getattr(pool, "connection_kwargs", {}) or {})
+    return dict(getattr(_session_pool(backend), "connection_kwargs", {}) or {})
+
+
+def _session_pool(backend: Backend) -> Any:
+    """A connection pool to make a probe connection from: the client's, or on a
+    cluster the pool of the master serving classic pub/sub."""
+    if backend.topology == "cluster":
+        from flexisync._cluster import classic_node
+
+        node = classic_node(backend.client)
+        return backend.client.get_redis_connection(node).connection_pool
+    return getattr(backend.client, "connection_pool", None)
 
 
 def _denials(backend: Backend, probes: list[_Probe]) -> tuple[list[str | None], str]:
@@ -432,7 +562,7 @@ def _probe_session(backend: Backend, command: tuple[str, ...],
     follow_name = _SESSION[command[0]]
     sent = [command] if follow_name is None else [command, (follow_name, *command[1:])]
     outcome: dict[tuple[str, ...], str | None] = {}
-    pool = backend.client.connection_pool
+    pool = _session_pool(backend)
     conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": 2.0})
     try:
         for one in sent:

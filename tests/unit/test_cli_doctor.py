@@ -15,13 +15,16 @@ from flexisync.errors import BackendError
 
 @pytest.mark.parametrize(("info", "status", "words"), [
     ({"redis_version": "7.2.4", "redis_mode": "standalone"}, "ok", "Redis 7.2.4, standalone"),
+    ({"redis_version": "7.2.4", "server_name": "valkey", "valkey_version": "9.1.2",
+      "redis_mode": "standalone"}, "ok", "Valkey 9.1.2, standalone"),
     ({"redis_version": "6.0.9", "redis_mode": "standalone"}, "fail", "needs Redis 6.2"),
     ({"redis_version": "7.2.4", "redis_mode": "sentinel"}, "fail", "redis+sentinel://"),
-    ({"redis_version": "7.2.4", "redis_mode": "cluster"}, "warn", "not supported yet"),
+    ({"redis_version": "7.2.4", "redis_mode": "cluster"}, "warn", "redis+cluster://"),
     ({}, "warn", "INFO is not permitted"),
-], ids=["standalone", "too-old", "sentinel", "cluster", "no-info"])
+], ids=["standalone", "valkey", "too-old", "sentinel", "cluster", "no-info"])
 def test_server_check(info: dict[str, Any], status: str, words: str) -> None:
-    """Old versions and Sentinel nodes fail; Cluster warns; unknown is a warning."""
+    """Old versions and Sentinel nodes fail; a cluster node reached with redis:// warns
+    (use redis+cluster://); unknown is a warning."""
     check = doctor._server(info)
     assert check.status == status
     assert words in check.detail
@@ -143,3 +146,47 @@ def test_persistence_check_says_what_survives_a_restart(
     check = doctor._persistence(_FakeBackend(config), info)
     assert check.status == "info"
     assert words in check.detail
+
+
+def _masters(**per_node: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name.replace("_", ":"): info for name, info in per_node.items()}
+
+
+def test_cluster_server_check_names_each_master_and_needs_7() -> None:
+    """Every master's version is reported; one below 7.0 (no sharded pub/sub) fails."""
+    good = doctor._cluster_server(_masters(a_1={"redis_version": "7.0.15"},
+                                           b_2={"redis_version": "7.2.4"}))
+    assert good.status == "ok"
+    assert "a:1 7.0.15" in good.detail
+    assert "b:2 7.2.4" in good.detail
+    old = doctor._cluster_server(_masters(a_1={"redis_version": "7.0.15"},
+                                          b_2={"redis_version": "6.2.14"}))
+    assert old.status == "fail"
+    assert "b:2" in old.detail
+    assert "7.0" in old.detail
+    assert doctor._cluster_server({}).status == "warn"
+
+
+def test_cluster_eviction_and_replication_checks_name_the_nodes() -> None:
+    """A master that may evict warns, named; so does a master without a replica."""
+    masters = _masters(a_1={"maxmemory_policy": "noeviction", "connected_slaves": 1},
+                       b_2={"maxmemory_policy": "allkeys-lru", "connected_slaves": 0})
+    eviction = doctor._cluster_eviction(masters)
+    assert eviction.status == "warn"
+    assert "b:2 (allkeys-lru)" in eviction.detail
+    replication = doctor._cluster_replication(masters)
+    assert replication.status == "warn"
+    assert "b:2" in replication.detail
+    fine = _masters(a_1={"maxmemory_policy": "noeviction", "connected_slaves": 1})
+    assert doctor._cluster_eviction(fine).status == "ok"
+    assert doctor._cluster_replication(fine).status == "info"
+
+
+def test_cluster_acl_adds_what_cluster_clients_send() -> None:
+    """On a cluster the recommended ACL also grants CLUSTER SLOTS, COMMAND and the
+    sharded pub/sub commands, and the doctor checks exactly those (no SELECT)."""
+    acl = doctor.recommended_acl("billing", "worker", cluster=True)
+    granted = {word[1:] for word in acl.split() if word.startswith("+")}
+    assert granted == set(doctor.COMMANDS) | set(doctor.CLUSTER_COMMANDS)
+    checked = {p.acl for p in doctor._needed("billing", cluster=True)}
+    assert checked == granted - {"select"}

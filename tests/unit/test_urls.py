@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import flexisync
+import flexisync.aio
 from flexisync._connection import parse_url
 
 
@@ -39,10 +42,52 @@ def test_sentinel_and_cluster_urls_parse_every_host() -> None:
     assert cluster.hosts == (("n1", 7000), ("n2", 7001))
 
 
-def test_sentinel_and_cluster_are_not_supported_yet_with_a_clear_error() -> None:
-    """connect() on a parsed but unsupported scheme says so."""
-    with pytest.raises(flexisync.ConfigError, match="not supported yet"):
-        flexisync.connect("redis+cluster://n1:7000")
+def test_unreachable_cluster_is_backend_unavailable_without_the_password() -> None:
+    """connect() discovers a cluster's slots at once: no node answering is
+    BackendUnavailable naming every node, never the password."""
+    with pytest.raises(flexisync.BackendUnavailable) as info:
+        flexisync.connect("redis+cluster://u:Qx7Zk9Wv@127.0.0.1:1,127.0.0.1:2")
+    assert "127.0.0.1:1,127.0.0.1:2" in str(info.value)
+    assert "Qx7Zk9Wv" not in str(info.value)
+
+
+def test_cluster_url_refuses_options_a_cluster_cannot_have() -> None:
+    """A database other than 0 is refused (the URL path already is)."""
+    from flexisync._connection import build_client
+
+    with pytest.raises(flexisync.ConfigError, match="only database 0"):
+        build_client(parse_url("redis+cluster://127.0.0.1:1"), db=2)
+
+
+def test_cluster_url_connects_for_real(cluster_url: str) -> None:
+    """redis+cluster:// gives a RedisCluster with the single-node defaults, URL options,
+    redis-py retries off and deadline-capped node connections, in both shells."""
+    import redis
+
+    from flexisync._connection import _DeadlineMixin
+
+    url = cluster_url + "?socket_timeout=1.5&client_name=unit"
+    with flexisync.connect(url, namespace="urls") as sync:
+        client = sync.client
+        assert isinstance(client, redis.RedisCluster)
+        assert client.retry.get_retries() == 0
+        assert sync.ping() > 0
+        for node in client.get_nodes():
+            pool = client.get_redis_connection(node).connection_pool
+            assert issubclass(pool.connection_class, _DeadlineMixin)
+            assert pool.connection_kwargs["socket_timeout"] == 1.5
+            assert pool.connection_kwargs["client_name"] == "unit"
+            assert pool.connection_kwargs["protocol"] == 2
+        assert sync.url.startswith("redis+cluster://127.0.0.1:")
+
+    async def run() -> None:
+        coordinator = flexisync.aio.connect(url, namespace="urls")
+        try:
+            assert await coordinator.ping() > 0
+        finally:
+            await coordinator.aclose()
+
+    asyncio.run(run())
 
 
 def test_memory_url_names_a_private_server() -> None:
