@@ -5,7 +5,8 @@
 Starts, in the same run, a private single Redis and a private 3-master / 3-replica
 cluster (``tests/topologies.py``, binaries on PATH), and stops them by pid at the end.
 
-* Per operation (one process, µs, median of interleaved rounds): StateStore get / set /
+* Per operation (one process, µs, median of interleaved rounds): the bare redis-py
+  command (``redis.Redis`` / ``redis.RedisCluster``: the floor), StateStore get / set /
   incr, lock acquire + release, a closed breaker's call, stream append, and publish ->
   receive (a topic subscription in the same process: publish, wait for the event).
   The table gives the cluster's ratio to the single node.
@@ -36,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.topologies
 
+import redis
 from redis.crc import key_slot
 
 import flexisync
@@ -82,13 +84,33 @@ def _ops(sync: flexisync.Coordinator) -> dict[str, Callable[[], object]]:
     }
 
 
+def _raw_ops(client: Any) -> dict[str, Callable[[], object]]:
+    """The floor: the bare redis-py command (``redis.Redis`` or ``redis.RedisCluster``)."""
+    client.set("{bench}raw", b"1")
+    return {
+        "redis-py GET (floor)": lambda: client.get("{bench}raw"),
+        "redis-py SET (floor)": lambda: client.set("{bench}raw", b"2"),
+        "redis-py INCR (floor)": lambda: client.incr("{bench}n"),
+    }
+
+
+def _raw_client(url: str) -> Any:
+    """A plain redis-py client on the same server(s), retries and all as redis-py has them."""
+    if url.startswith("redis+cluster://"):
+        host, port = url.split("://", 1)[1].split(",", maxsplit=1)[0].rsplit(":", 1)
+        return redis.RedisCluster(host=host, port=int(port), protocol=2)
+    return redis.Redis.from_url(url, protocol=2)
+
+
 def per_operation(urls: dict[str, str], n: int, rounds: int) -> dict[str, dict[str, float]]:
     """{operation: {target: median µs}} over interleaved rounds."""
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     coordinators = {name: flexisync.connect(url, namespace=namespace)
                     for name, url in urls.items()}
+    raws = {name: _raw_client(url) for name, url in urls.items()}
     try:
-        ops = {name: _ops(sync) for name, sync in coordinators.items()}
+        ops = {name: {**_raw_ops(raws[name]), **_ops(sync)}
+               for name, sync in coordinators.items()}
         samples: dict[str, dict[str, list[float]]] = {}
         for _ in range(rounds):
             for op in next(iter(ops.values())):
@@ -102,6 +124,8 @@ def per_operation(urls: dict[str, str], n: int, rounds: int) -> dict[str, dict[s
     finally:
         for sync in coordinators.values():
             sync.close()
+        for raw in raws.values():
+            raw.close()
 
 
 def failover_worker(url: str, namespace: str, index: int, *, out: Any, killed: Any,
@@ -191,6 +215,14 @@ def main() -> int:
         for op, by in table.items():
             print(f"| {op} | {_us(by['single'])} | {_us(by['cluster'])} | "
                   f"{by['cluster'] / by['single']:.2f}x |")
+        floors = {"state.get": "redis-py GET (floor)", "state.set": "redis-py SET (floor)",
+                  "state.incr": "redis-py INCR (floor)"}
+        print("\n| operation | flexisync / redis-py, single node | "
+              "flexisync / redis-py RedisCluster, cluster |")
+        print("|---|---:|---:|")
+        for op, floor in floors.items():
+            print(f"| {op} | {table[op]['single'] / table[floor]['single']:.2f}x | "
+                  f"{table[op]['cluster'] / table[floor]['cluster']:.2f}x |")
         promoted, recovered = failover(cluster, args.workers)
         print(f"\nmaster SIGKILLed under {args.workers} processes: replica promoted after "
               f"{promoted:.2f} s, every process working again after {recovered:.2f} s "
