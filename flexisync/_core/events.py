@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from flexisync._codec import MAX_DEPTH, dumps, loads
 from flexisync._core.plan import Call, Plan, Signal, Subscribe
+from flexisync._core.tally import tally_of
 from flexisync._durations import optional_seconds
 from flexisync._keys import is_pattern, validate_name, validate_pattern
 from flexisync._log import get_logger
@@ -170,14 +171,19 @@ class BusCore:
         body = dumps(data, "data")
         message = (f'{{"flexisync":1,"id":"{event_id}","type":{json.dumps(type)},'
                    f'"time":{time.time()!r},"source":{json.dumps(source)},"data":{body}}}')
-        return self._publish(channel, message)
+        return self._publish(topic, channel, message)
 
-    @staticmethod
-    def _publish(channel: str, message: str) -> Plan[int]:
+    def _publish(self, topic: str, channel: str, message: str) -> Plan[int]:
         # PUBLISH is not idempotent: retried only when it cannot have reached Redis.
         count = yield Call("events.publish", lambda c: c.publish(channel, message),
                            idempotent=False)
+        tally_of(self._ctx).topic(topic).published += 1
         return int(count)
+
+    def live_subscriptions(self) -> list[SubscriptionCore]:
+        """The subscriptions of this bus that are open now (for metrics)."""
+        with self._subs_lock:
+            return [sub for sub in self._subs if not sub._closed]
 
     def subscribe_plan(self, sub: SubscriptionCore, timeout: float | None,
                        ) -> Plan[SubscriptionCore]:
@@ -450,9 +456,24 @@ class SubscriptionCore:
             self._dropped += len(self._queue)
             self._queue.clear()
             self._bytes = 0
+            self._retire()
         self._ready.set()
         self._bus._forget(self)
         return True
+
+    def _retire(self) -> None:
+        """Fold this closed subscription's counters into its topic's record, so the
+        topic's totals never go backwards (caller holds ``_cond``). A message being
+        decoded right now is counted as in flight (``received`` minus the rest)."""
+        if self._gen != self._bus._ctx.fork_generation:
+            return  # counters of the parent process
+        record = tally_of(self._bus._ctx).topic(self.topic)
+        record.received += self._received
+        record.delivered += self._delivered
+        record.dropped += self._dropped + self._in_hand
+        record.errors += self._errors
+        record.invalid += self._invalid
+        record.gaps += self._gaps
 
     def _close_local(self) -> None:
         """Close without waiting for Redis to confirm the unsubscribe."""

@@ -187,6 +187,12 @@ class Member:
             self._count = 0
         return batches
 
+    def backlog(self) -> tuple[int, str | None]:
+        """``(entries queued, id of the oldest queued entry or None)`` (no I/O)."""
+        with self._lock:
+            first = next((b.items[0][0] for b in self._batches if b.items), None)
+            return self._count, first
+
     def kill(self) -> None:
         """Mark this place gone (Context closed, fork) and wake the follower."""
         with self._lock:
@@ -394,6 +400,30 @@ class StreamReader:
         """Followers per followed stream name, now (for tests and inspection)."""
         with self._cond:
             return {e.name: len(e.members) for e in self._entries.values()}
+
+    def lag(self) -> dict[str, tuple[int, int, float]]:
+        """Per followed stream name: ``(followers, entries, seconds)`` where
+        ``entries`` is how many fetched entries the slowest follower in this process
+        has not taken yet, and ``seconds`` how much older (by entry id, i.e. the
+        server's clock: no clock skew) the oldest of them is than the newest entry
+        fetched. No I/O (for :mod:`flexisync.metrics`)."""
+        with self._cond:
+            entries = [(e.name, e.cursor, tuple(e.members)) for e in self._entries.values()]
+        out: dict[str, tuple[int, int, float]] = {}
+        for name, cursor, members in entries:
+            worst, oldest = 0, None
+            for member in members:
+                count, first = member.backlog()
+                worst = max(worst, count)
+                if first is not None and (oldest is None or id_key(first) < id_key(oldest)):
+                    oldest = first
+            seconds = 0.0
+            if oldest is not None and cursor is not None:
+                seconds = max(0.0, (id_key(cursor)[0] - id_key(oldest)[0]) / 1000.0)
+            followers, entries_behind, behind = out.get(name, (0, 0, 0.0))
+            out[name] = (followers + len(members), max(entries_behind, worst),
+                         max(behind, seconds))
+        return out
 
     def idle(self) -> bool:
         """True when nothing is followed and no (un)subscription is pending."""

@@ -68,6 +68,7 @@ from flexisync._cluster import scan_page
 from flexisync._connection import load_script
 from flexisync._core.lock_runtime import LockRuntime, runtime
 from flexisync._core.plan import Call, Plan, Script, Step, run
+from flexisync._core.tally import tally_of
 from flexisync._core.waiting import owner_token, wait_for_turn
 from flexisync._durations import Duration, optional_seconds, seconds, to_ms
 from flexisync._keys import validate_name
@@ -316,12 +317,17 @@ class LockCore:
         self._drop_parked()
         token = owner_token()
         waiting = wait is None or wait > 0
+        started = time.monotonic()
         acquired, _ = yield from self._attempt(token, waiting, deadline)
+        if not acquired and waiting:
+            acquired = yield from self._wait(token, deadline)
+        record = tally_of(self._ctx).lock(self.name)
         if acquired:
-            return True
-        if not waiting:
-            return False
-        return (yield from self._wait(token, deadline))
+            record.acquired(time.monotonic() - started)
+        else:
+            with record.wait.lock:
+                record.timeouts += 1
+        return acquired
 
     def _enter_plan(self) -> Plan[None]:
         """Entering ``with``: acquire within ``timeout`` or raise :class:`LockTimeout`."""
@@ -560,6 +566,9 @@ class LockCore:
                 return
             self._lost = True
             fence = self._fence
+        record = tally_of(self._ctx).lock(self.name)
+        with record.wait.lock:
+            record.lost += 1
         self._runtime.stop_renewing(self)
         _logger().warning("lock.lost", lock=self.name, reason=reason, fencing_token=fence,
                           held_for=round(time.monotonic() - self._acquired_at, 3))

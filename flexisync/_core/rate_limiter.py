@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from flexisync._core.plan import Plan, Script, Sleep
+from flexisync._core.tally import tally_of
 from flexisync._durations import Duration, seconds, to_ms
 from flexisync._keys import validate_name
 from flexisync.errors import ConfigError, FlexiSyncError, RateLimitTimeout
@@ -177,6 +178,7 @@ class RateLimiterCore:
         waited = int(reply[1]) / _US
         remaining = float(reply[3])
         if status == 0:
+            tally_of(self._ctx).rate_limiter(self.name).refused()
             if raising:
                 raise RateLimitTimeout(self.name, units, wait or 0.0, waited)
             return None
@@ -188,6 +190,7 @@ class RateLimiterCore:
             except GeneratorExit:  # cancelled (or interrupted) while waiting: give it back
                 self._ctx.janitor(self._cancel(marker, True))
                 raise
+        tally_of(self._ctx).rate_limiter(self.name).admitted(waited)
         return self._reservation_cls(self.name, units, waited, remaining,
                                      int(reply[2]) / _US, self)
 

@@ -58,6 +58,7 @@ from flexisync._core.lock_runtime import runtime
 from flexisync._core.locks import GRACE
 from flexisync._core.plan import Plan, Script
 from flexisync._core.streams import text as _text
+from flexisync._core.tally import tally_of
 from flexisync._core.waiting import owner_token, wait_for_turn
 from flexisync._durations import Duration, optional_seconds, seconds, to_ms
 from flexisync._keys import validate_name
@@ -244,12 +245,16 @@ class SemaphoreCore:
         deadline = None if forever or wait == 0 else time.monotonic() + (wait or 0.0)
         token = owner_token()
         waiting = forever or bool(wait)
+        started = time.monotonic()
         acquired, _ = yield from self._attempt(token, waiting, deadline)
+        if not acquired and waiting:
+            acquired = yield from self._wait(token, deadline)
+        record = tally_of(self._ctx).semaphore(self.name)
         if acquired:
-            return True
-        if not waiting:
-            return False
-        return (yield from self._wait(token, deadline))
+            record.admitted(time.monotonic() - started)
+        else:
+            record.refused()
+        return acquired
 
     def _enter_plan(self) -> Plan[None]:
         """Entering ``with``: acquire within ``timeout`` or raise :class:`SemaphoreTimeout`."""

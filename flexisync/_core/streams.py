@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from flexisync._codec import dumps, loads
 from flexisync._core.events import Event, _ids
 from flexisync._core.plan import Call, Plan, Script
+from flexisync._core.tally import tally_of
 from flexisync._durations import Duration, optional_seconds, to_ms
 from flexisync._keys import validate_name
 from flexisync._log import get_logger
@@ -199,6 +200,7 @@ class StreamCore:
         # XADD is not idempotent: a blind retry could append twice.
         raw = yield Script("stream.append", "stream_append", [self.key], args,
                            idempotent=False)
+        tally_of(self.ctx).stream(self.name).appends += 1
         return text(raw)
 
     def delete(self) -> Plan[bool]:

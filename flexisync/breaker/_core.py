@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from flexisync._core.plan import Plan, Wait
+from flexisync._core.tally import ON_REJECT
 from flexisync._durations import to_ms
 from flexisync.breaker._hub import FORK_MARK, detect_fork, hub_of
 from flexisync.breaker._mirror import Mirror, decode_info, integer
@@ -136,7 +137,17 @@ class BreakerCore(Mirror):
 
     def _reject(self, retry_after: float) -> None:
         self._rejected += 1
+        if ON_REJECT:
+            self._on_reject(retry_after)
         raise CircuitOpenError(self.name, retry_after)
+
+    def _on_reject(self, retry_after: float) -> None:
+        """Run the ``flexisync.metrics.on_reject`` hooks (a raising one is logged)."""
+        for hook in list(ON_REJECT):
+            try:
+                hook(self.ctx.namespace, self.name, retry_after)
+            except Exception:
+                self._log.exception("breaker.hook_failed")
 
     def _admit_down(self) -> Ticket:
         mode = self.policy.on_backend_error
@@ -147,8 +158,10 @@ class BreakerCore(Mirror):
             self._reject(max(0.0, at - time.monotonic()))
         try:
             probe = self._local.admit()
-        except CircuitOpenError:
+        except CircuitOpenError as exc:
             self._rejected += 1
+            if ON_REJECT:
+                self._on_reject(exc.retry_after)
             raise
         kind = Ticket.LOCAL_PROBE if probe else Ticket.LOCAL
         return Ticket(kind, "", time.perf_counter() if self._slow else 0.0)
@@ -249,8 +262,7 @@ class BreakerCore(Mirror):
         kind = ticket.kind
         if kind == Ticket.BYPASS:
             return
-        if outcome == "fail":
-            self._local_failures += 1
+        self._count(kind, outcome)
         if kind in (Ticket.LOCAL, Ticket.LOCAL_PROBE):
             self._local.record(kind == Ticket.LOCAL_PROBE, outcome, retry_after)
         elif kind == Ticket.PROBE:
@@ -259,6 +271,25 @@ class BreakerCore(Mirror):
             self._ok += 1
         elif outcome == "fail":
             yield from self._record_failure(retry_after)
+
+    def _count(self, kind: int, outcome: str) -> None:
+        """Bump the counters of one finished call (successes of plain tickets are
+        counted by the caller, in ``_ok``: the closed path's one counter)."""
+        if outcome == "fail":
+            self._local_failures += 1
+        if kind in (Ticket.PROBE, Ticket.LOCAL_PROBE):
+            if outcome == "ok":
+                self._probe_ok += 1
+            elif outcome == "fail":
+                self._probe_failed += 1
+            else:
+                self._probe_ignored += 1
+        elif outcome == "fail":
+            self._failed += 1
+        elif outcome != "ok":
+            self._ignored += 1
+        elif kind == Ticket.LOCAL:
+            self._ok_local += 1
 
     def _record_failure(self, retry_after: float | None) -> Plan[None]:
         """Count one failure (with this process's pending successes): one round trip.

@@ -8,7 +8,10 @@ breaker use, stopped when the Context closes and rebuilt lazily after ``fork()``
 * re-reads each breaker's shared state every ``refresh_interval`` seconds, and at once
   when the listener lost its connection, so a missed message is repaired;
 * while Redis is unreachable, checks every half second, with one PING for all the
-  Coordinator's breakers, whether it is back, and then lets the breakers reconcile.
+  Coordinator's breakers, whether it is back, and then lets the breakers reconcile;
+* about every second, adds the calls each breaker saw since the last time to the
+  fleet's outcome stats (one pipeline for all breakers; nothing when there were no
+  calls; see :data:`STATS_INTERVAL` and :mod:`flexisync.metrics`).
 
 Backend-down fast path: the first breaker round trip that finds Redis unreachable marks
 the hub down; from then on every breaker script of this Coordinator fails at once
@@ -33,6 +36,7 @@ script is ``breaker_lib.lua`` followed by the operation's own file, run by EVALS
 from __future__ import annotations
 
 import collections
+import functools
 import mmap
 import os
 import queue
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexisync._connection import RetryPolicy
 from flexisync._core.plan import Plan, Script, run
+from flexisync._core.tally import tally_of
 from flexisync._log import get_logger
 from flexisync.errors import BackendError, BackendUnavailable
 
@@ -52,10 +57,21 @@ if TYPE_CHECKING:
     from flexisync._core.plan import Step
     from flexisync.breaker._core import BreakerCore
 
-__all__ = ["FLUSH_INTERVAL", "FORK_MARK", "RECENT", "RECHECK_INTERVAL", "Hub",
-           "MalformedRecord", "detect_fork", "hub_of"]
+__all__ = ["FLUSH_INTERVAL", "FORK_MARK", "OUTCOMES", "RECENT", "RECHECK_INTERVAL",
+           "STATS_BUCKET", "STATS_INTERVAL", "STATS_TTL", "Hub", "MalformedRecord",
+           "detect_fork", "hub_of", "stats_key"]
 
 FLUSH_INTERVAL = 0.1  # seconds between flushes of aggregated successes
+#: Seconds between two writes of a process's call outcomes to the fleet stats.
+STATS_INTERVAL = 1.0
+#: Width of one fleet stats bucket, seconds (fields ``"<bucket>:<outcome>"``).
+STATS_BUCKET = 10
+#: A fleet stats hash expires this long after its last write (seconds).
+STATS_TTL = 900
+#: Past this many fields a stats hash is trimmed of buckets older than STATS_TTL.
+STATS_MAX_FIELDS = 600
+#: The outcomes of a protected call, in the order of ``Mirror.outcome_totals()``.
+OUTCOMES = ("success", "failure", "rejected", "ignored", "probe")
 RECHECK_INTERVAL = 0.5  # seconds between checks whether Redis is back
 RECENT = 128  # breakers kept alive after their last user dropped them (cheap re-asks)
 _MADV_WIPEONFORK = 18  # Linux >= 4.14; Python's mmap module does not name it
@@ -114,6 +130,61 @@ def detect_fork() -> None:
     FORK_MARK[0] = 1
 
 
+_exit_hook: list[tuple[int, Any]] = []  # (pid, multiprocessing.util.Finalize)
+
+
+def _flush_at_exit_once() -> None:
+    """At interpreter exit (and at the exit of a multiprocessing child, fork or spawn,
+    which skips ``atexit``), add the calls not yet reported to the fleet stats.
+
+    Registered once per process: a forked child re-registers when its hub thread
+    starts (multiprocessing ignores a parent's finalizers in a child, and clears them
+    in its own children)."""
+    found = _exit_hook[0] if _exit_hook else None
+    if found is not None and found[0] == os.getpid() and found[1].still_active():
+        return
+    from multiprocessing import util  # noqa: PLC0415
+
+    _exit_hook[:] = [(os.getpid(), util.Finalize(None, _flush_all, exitpriority=10))]
+
+
+def _flush_all() -> None:
+    for hub in list(_hubs):
+        if hub._closed or hub._backend.closed or hub.ctx.closed:
+            continue
+        try:
+            hub.flush_stats()
+        except Exception:  # noqa: S112 - exiting: nothing else to do
+            continue
+
+
+def stats_key(ctx: Context, name: str) -> str:
+    """The fleet outcome stats hash of breaker ``name``: ``ns:stats:{breaker:NAME}``."""
+    return ctx.keys.key("stats", "breaker:" + name)
+
+
+def _write_stats(entries: list[tuple[str, dict[str, int]]], ttl_ms: int,
+                 client: Any) -> Any:
+    pipe = client.pipeline(transaction=False)
+    for key, fields in entries:
+        for field, amount in fields.items():
+            pipe.hincrby(key, field, amount)
+        pipe.pexpire(key, ttl_ms)
+        pipe.hlen(key)
+    return pipe.execute()
+
+
+def _trim_stats(key: str, cut: int, client: Any) -> int:
+    """Delete the buckets of ``key`` at or before ``cut`` (unix seconds)."""
+    stale = []
+    for raw in client.hkeys(key):
+        field = raw.decode() if isinstance(raw, bytes) else str(raw)
+        head = field.split(":", 1)[0]
+        if not head.isdigit() or int(head) <= cut:
+            stale.append(field)
+    return int(client.hdel(key, *stale)) if stale else 0
+
+
 def hub_of(owner: Any) -> Hub:
     """The one :class:`Hub` of a Context, or of a (sync or asyncio) Coordinator's
     Context (built on first use)."""
@@ -149,9 +220,11 @@ class Hub:
         self._once = RetryPolicy(attempts=1, deadline=deadline)
         self.recheck_at = 0.0
         self._reset_runtime()
+        self._reset_stats()
         ctx.on_close(self.close)
         ctx.on_fork(self._after_fork)
         _hubs.add(self)
+        _flush_at_exit_once()
 
     def _reset_runtime(self) -> None:
         self._lock = threading.Lock()
@@ -159,6 +232,16 @@ class Hub:
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def _reset_stats(self) -> None:
+        #: (name, counts) of cores that were collected (appended by Mirror.__del__).
+        self.graveyard: collections.deque[tuple[str, dict[str, Any]]] = \
+            collections.deque()
+        self._stats_lock = threading.Lock()
+        self._stats_due = 0.0
+        self._unsent: dict[str, list[int]] = {}  # deltas of collected cores, by name
+        self._trims: set[str] = set()  # stats keys that grew past STATS_MAX_FIELDS
+        self._flushing = threading.Lock()
 
     # --- instances ------------------------------------------------------------------
 
@@ -278,19 +361,26 @@ class Hub:
         if self._closed:
             return
         if self._thread is None or not self._thread.is_alive():
+            _flush_at_exit_once()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="flexisync-breakers",
                                             daemon=True)
             self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (runs first when the Context closes)."""
+        """Stop the thread (runs first when the Context closes), then add the calls
+        not yet in the fleet stats (one bounded round trip, none if there are none)."""
         self._closed = True
         self._stop.set()
         self._queue.put((_noop, ()))
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+        if not self._backend.closed:
+            try:
+                self.flush_stats()
+            except Exception:
+                self._log.exception("breaker.stats_failed")
         with self.instances_lock:
             self._recent.clear()
             self._pinned.clear()
@@ -298,6 +388,7 @@ class Hub:
     def _after_fork(self) -> None:
         self.instances_lock = threading.Lock()
         self._reset_runtime()  # the listener kept our reconnect hook: not added again
+        self._reset_stats()  # the parent's calls are the parent's to report
         self.down_since = None  # the child finds out for itself
         for breaker in list(self.instances.values()):
             breaker._after_fork()
@@ -339,6 +430,107 @@ class Hub:
             lost = was_connected and not connected
             was_connected = connected
             self._tick_all(now, lost=lost)
+            if now >= self._stats_due:
+                self._stats_due = now + STATS_INTERVAL
+                try:
+                    self.flush_stats()
+                except Exception:
+                    self._log.exception("breaker.stats_failed")
+
+    # --- fleet outcome stats ----------------------------------------------------------
+
+    def bury(self) -> list[tuple[str, dict[str, Any]]]:
+        """Take the counts of collected cores (for :mod:`flexisync.metrics`), keeping
+        their unsent fleet deltas for the next :meth:`flush_stats`."""
+        buried = []
+        while True:
+            try:
+                name, counts = self.graveyard.popleft()
+            except IndexError:
+                break
+            sent = counts["fleet_sent"]
+            totals = (counts["success"], counts["failure"], counts["rejected"],
+                      counts["ignored"], counts["probe_success"] + counts["probe_failure"]
+                      + counts["probe_ignored"])
+            with self._stats_lock:
+                _add(self._unsent, name, [t - d for t, d in zip(totals, sent, strict=True)])
+            buried.append((name, counts))
+        if buried:
+            tally = tally_of(self.ctx)
+            for name, counts in buried:
+                record = tally.breaker(name)
+                with tally._lock:
+                    for field in ("success", "failure", "ignored", "rejected",
+                                  "probe_success", "probe_failure", "probe_ignored",
+                                  "open_seconds"):
+                        setattr(record, field, getattr(record, field) + counts[field])
+                    record.probe = (record.probe_success + record.probe_failure
+                                    + record.probe_ignored)
+                    for state, n in counts["transitions"].items():
+                        record.transitions[state] = record.transitions.get(state, 0) + n
+        return buried
+
+    def flush_stats(self) -> bool:
+        """Add every breaker's calls since the last flush to the fleet stats: one
+        pipeline of HINCRBY (fields ``"<bucket>:<outcome>"``), PEXPIRE and HLEN per
+        breaker with calls; nothing at all when there were none. While Redis is down
+        or refuses the write, the deltas wait for the next flush (never raises a
+        FlexiSyncError). One flush at a time. Returns whether anything was written.
+        """
+        with self._flushing:
+            return self._flush_stats()
+
+    def _flush_stats(self) -> bool:
+        self.bury()
+        with self.instances_lock:
+            cores = list(self.instances.values())
+        deltas: dict[str, list[int]] = {}
+        marks: list[tuple[Any, tuple[int, int, int, int, int]]] = []
+        for core in cores:
+            totals, sent = core.outcome_totals(), core.fleet_sent
+            if totals != sent:
+                _add(deltas, core.name, [t - d for t, d in zip(totals, sent, strict=True)])
+                marks.append((core, totals))
+        with self._stats_lock:
+            unsent, self._unsent = self._unsent, {}
+        for name, row in unsent.items():
+            _add(deltas, name, row)
+        bucket = int(time.time() // STATS_BUCKET) * STATS_BUCKET
+        entries = [(stats_key(self.ctx, name), fields) for name, row in deltas.items()
+                   if (fields := {f"{bucket}:{outcome}": amount for outcome, amount
+                                  in zip(OUTCOMES, row, strict=True) if amount > 0})]
+        if not entries:
+            return False
+        try:
+            if self.down:
+                raise BackendUnavailable(self._backend.address, reason="unreachable")
+            replies = self._backend.call(
+                "breaker.stats", functools.partial(_write_stats, entries, STATS_TTL * 1000),
+                idempotent=False, retry=self._once)
+        except (BackendUnavailable, BackendError):
+            with self._stats_lock:  # try again at the next flush
+                for name, row in unsent.items():
+                    _add(self._unsent, name, row)
+            return False
+        for core, totals in marks:
+            core.fleet_sent = totals
+        position = 0
+        for key, fields in entries:
+            position += len(fields) + 2
+            if int(replies[position - 1]) > STATS_MAX_FIELDS:
+                self._trims.add(key)
+        if self._trims:
+            self._trim(bucket - STATS_TTL)
+        return True
+
+    def _trim(self, cut: int) -> None:
+        trims, self._trims = self._trims, set()
+        for key in trims:
+            try:
+                self._backend.call("breaker.stats", functools.partial(_trim_stats, key, cut),
+                                   retry=self._once)
+            except (BackendUnavailable, BackendError):
+                return
 
     def _tick_all(self, now: float, *, lost: bool) -> None:
         # A method of its own: the loop's references end with it, so a breaker nobody
@@ -348,6 +540,12 @@ class Hub:
                 breaker._tick(now, check_now=lost)
             except Exception:
                 self._log.exception("breaker.tick_failed", breaker=breaker.name)
+
+
+def _add(table: dict[str, list[int]], name: str, row: list[int]) -> None:
+    into = table.setdefault(name, [0] * len(OUTCOMES))
+    for i, amount in enumerate(row):
+        into[i] += amount
 
 
 def _noop() -> None:

@@ -13,6 +13,7 @@ recovery after an outage) runs on the hub's thread. Every Redis exchange is a pl
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import weakref
@@ -39,6 +40,8 @@ __all__ = ["EVENTS", "Mirror", "Snapshot", "decode_info", "integer", "keys_of", 
 
 _MAX_INT = 10**13  # bound on an integer read back from Redis (breaker_lib.lua's LIMIT)
 _MARK = FORK_MARK
+#: States in which calls are (mostly) turned away: an open period lasts through them.
+_OPENISH = frozenset(("open", "half_open", "forced_open"))
 EVENTS = {"closed": "breaker.closed", "open": "breaker.opened",
           "half_open": "breaker.half_opened", "forced_open": "breaker.forced_open",
           "disabled": "breaker.disabled"}
@@ -183,11 +186,48 @@ class Mirror:
         self._subscription = _Subscription()
         self._handler = _message_handler(weakref.ref(self))
         weakref.finalize(self, self._hub.release, self._subscription)
-        self._ok = 0  # successes seen on the hot path (flushed as a delta)
-        self._local_failures = 0
-        self._rejected = 0
+        self._zero_counters()
         self._garbage_logged_at = -math.inf
         self._init_runtime()
+
+    def _zero_counters(self) -> None:
+        """This process's call counters (read by :mod:`flexisync.metrics`): plain ints,
+        bumped where the outcome is decided; the closed path only bumps ``_ok``."""
+        self._ok = 0  # successes seen on the hot path (flushed as a delta)
+        self._ok_local = 0  # successes decided by the local fallback (Redis down)
+        self._failed = 0  # failures of calls that were not probes
+        self._ignored = 0  # calls that counted as nothing (ignore, outcome_of, cancel)
+        self._rejected = 0
+        self._probe_ok = 0  # half-open probes (shared or local) by result
+        self._probe_failed = 0
+        self._probe_ignored = 0
+        self._local_failures = 0  # every failure, probes included (BreakerStats)
+        self._transitions: dict[str, int] = {}  # made by this process's scripts, by state
+        self._open_seconds = 0.0  # open periods this process's scripts ended
+        #: (success, failure, rejected, ignored, probe) already added to the fleet stats.
+        self.fleet_sent = (0, 0, 0, 0, 0)
+
+    def outcome_totals(self) -> tuple[int, int, int, int, int]:
+        """This process's calls so far: (success, failure, rejected, ignored, probe)."""
+        return (self._ok + self._ok_local, self._failed, self._rejected, self._ignored,
+                self._probe_ok + self._probe_failed + self._probe_ignored)
+
+    def __del__(self) -> None:
+        # Counters must not go backwards when a core nobody uses is collected: hand
+        # them to the hub (a deque append: no lock, safe whenever the GC runs this).
+        try:
+            if self._pid == os.getpid():
+                self._hub.graveyard.append((self.name, self.counts()))
+        except Exception:  # noqa: S110 - interpreter shutdown: nothing to keep
+            pass
+
+    def counts(self) -> dict[str, Any]:
+        """Every counter of this core, by name (see :class:`BreakerTally`)."""
+        return {"success": self._ok + self._ok_local, "failure": self._failed,
+                "ignored": self._ignored, "rejected": self._rejected,
+                "probe_success": self._probe_ok, "probe_failure": self._probe_failed,
+                "probe_ignored": self._probe_ignored, "open_seconds": self._open_seconds,
+                "transitions": dict(self._transitions), "fleet_sent": self.fleet_sent}
 
     def _init_runtime(self) -> None:
         self._mirror_lock = threading.Lock()
@@ -211,6 +251,10 @@ class Mirror:
         self._recheck_at = 0.0
         self._local = LocalBreaker(self.name, self.policy)
         self._open_watchers: set[Signal] = set()  # set when the mirror turns open
+        self._pid = os.getpid()
+        self._left_closed_at: float | None = None  # monotonic: mirror saw it open
+        #: (epoch, version, seconds open) of the last open period the mirror saw end.
+        self._closed_span: tuple[str, int, float | None] | None = None
 
     # --- Redis (plans) ------------------------------------------------------------------
 
@@ -335,6 +379,11 @@ class Mirror:
         old = self._apply(snap, time.monotonic())
         if snap.before != snap.state:
             state = snap.state
+            self._transitions[state] = self._transitions.get(state, 0) + 1
+            span = self._closed_span
+            if (snap.before in _OPENISH and state not in _OPENISH and span is not None
+                    and span[:2] == (snap.epoch, snap.version) and span[2] is not None):
+                self._open_seconds += span[2]
             log = self._log.warning if state in ("open", "forced_open") else self._log.info
             log(EVENTS[state], old=snap.before, new=state, version=snap.version,
                 retry_after=None if snap.remaining_ms <= 0 else snap.remaining_ms / 1000.0)
@@ -373,6 +422,13 @@ class Mirror:
             self._open_until = math.inf if remaining_ms < 0 else at + remaining_ms / 1000.0
             self._ask_after = 0.0
             self._update_fast()
+            if old != snap.state:
+                if snap.state in _OPENISH and old not in _OPENISH:
+                    self._left_closed_at = at
+                elif old in _OPENISH and snap.state not in _OPENISH:
+                    started, self._left_closed_at = self._left_closed_at, None
+                    self._closed_span = (snap.epoch, snap.version,
+                                         None if started is None else max(0.0, at - started))
         if old == snap.state:
             return None
         if snap.state in ("open", "forced_open"):
@@ -516,6 +572,8 @@ class Mirror:
             yield from self.read_plan()
 
     def _after_fork(self) -> None:
-        """In a forked child: fresh locks, no inherited subscription, re-read on use."""
+        """In a forked child: fresh locks and counters, no inherited subscription,
+        re-read on use."""
+        self._zero_counters()
         self._init_runtime()
         self._subscription.close()

@@ -4,6 +4,8 @@
 
     flexisync demo [--workers N]
     flexisync doctor [--topic PATTERN]...
+    flexisync top [--interval SECONDS] [--once]
+    flexisync dashboard [--host H] [--port N] [--allow-write]
     flexisync breakers                     flexisync breaker open|close|reset NAME
     flexisync locks
     flexisync state get|set|del|keys SCOPE [KEY] [VALUE-JSON]
@@ -32,10 +34,19 @@ from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
-from flexisync.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe, error
+from flexisync.cli._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    describe,
+    error,
+    number_type,
+)
+from flexisync.cli._dashboard import register_dashboard
 from flexisync.cli._demo import run_demo
 from flexisync.cli._doctor import run_doctor
 from flexisync.cli._inspect import register_inspection
+from flexisync.cli._top import add_top_arguments, run_top
 from flexisync.errors import FlexiSyncError
 
 __all__ = ["build_parser", "main"]
@@ -94,18 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "checks that the ACL grants it literally")
     doctor.set_defaults(handler=run_doctor)
 
+    top = commands.add_parser(
+        "top", parents=[common], help="watch breakers, locks and streams live in the "
+                                      "terminal",
+        description="The fleet at a glance, redrawn every --interval seconds until "
+                    "Ctrl-C or SIGTERM (exit 0): every breaker with its state, time left "
+                    "open, trips and the fleet's recent calls; held locks with holder and "
+                    "time left; streams with length and last id. --once prints one frame; "
+                    "--once --json the snapshot as one JSON document; --json alone one "
+                    "snapshot per line (JSON Lines). No colour when stdout is not a "
+                    "terminal or NO_COLOR is set.")
+    add_top_arguments(top)
+    top.set_defaults(handler=run_top)
+
+    register_dashboard(commands, common=common)
     register_inspection(commands, common=common)
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= 32:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 32, got {value}")
-    return value
+_positive_int = number_type(True, 1, 32)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

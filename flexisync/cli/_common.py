@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flexisync._connection import RetryPolicy
@@ -32,6 +32,7 @@ __all__ = [
     "error",
     "format_seconds",
     "not_found",
+    "number_type",
     "parse_json",
     "print_json",
     "print_json_line",
@@ -148,3 +149,38 @@ def format_seconds(value: float | None) -> str:
 def text(value: Any) -> str:
     """``value`` as ``str``, decoding bytes (replies may be bytes or str)."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def number_type(whole: bool, low: float, high: float = math.inf, *, unit: str = "",
+                low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type=`` accepting a finite number from ``low`` to ``high``.
+
+    Args:
+        whole: an ``int`` (``"3"``), else a ``float`` (``"0.5"``).
+        low, high: the accepted range, both ends included (``high`` may be ``inf``).
+        unit: shown in messages, e.g. ``"seconds"``.
+        low_open: ``low`` itself is refused (a positive duration: ``low=0``).
+
+    The converter raises ``argparse.ArgumentTypeError`` naming the accepted range, so
+    the command exits 2 with that message.
+    """
+    kind = "a whole number" if whole else (unit or "a number")
+    suffix = f" {unit}" if unit else ""
+
+    def convert(text: str) -> Any:
+        try:
+            value: float = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or value > high:
+            if low_open and high == math.inf:
+                wanted = f"must be more than {low:g}{suffix}"
+            elif high == math.inf:
+                wanted = f"must be at least {low:g}{suffix}"
+            else:
+                wanted = f"must be from {low:g} to {high:g}{suffix}"
+            raise argparse.ArgumentTypeError(f"{wanted}, got {text}")
+        return value
+
+    return convert

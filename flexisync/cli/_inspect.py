@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +22,7 @@ from flexisync.cli._common import (
     coordinator_for,
     format_seconds,
     not_found,
+    number_type,
     parse_json,
     print_json,
     print_json_line,
@@ -155,18 +155,11 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
                         help="stop after SECONDS without an event")
 
 
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
-    return number
+_seconds = number_type(False, 0, unit="seconds", low_open=True)
 
 
 def _open_seconds(value: str) -> float:
-    number = _seconds(value)
+    number = float(_seconds(value))
     if number > MAX_OPEN_SECONDS:
         raise argparse.ArgumentTypeError(
             f"at most {MAX_OPEN_SECONDS:.0f} seconds (30 days), got {value}; use "
@@ -174,14 +167,7 @@ def _open_seconds(value: str) -> float:
     return number
 
 
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+_count = number_type(True, 1)
 
 
 _OPEN_SLACK = 1.0  # seconds: a trip that took leaves at most `seconds` (+ clock skew)

@@ -124,12 +124,13 @@ def server_env(url: str, namespace: str) -> dict[str, str]:
     return env
 
 
-def gunicorn_command(port: int, *, preload: bool, timeout: int = 30) -> list[str]:
-    """gunicorn with 4 sync workers serving the example app."""
+def gunicorn_command(port: int, *, preload: bool, timeout: int = 30,
+                     app: str = "wsgi_app:application", chdir: Path = EXAMPLES) -> list[str]:
+    """gunicorn with 4 sync workers serving ``app`` (default: the example app)."""
     command = [str(BIN / "gunicorn"), "--workers", str(WORKERS), "--worker-class", "sync",
-               "--bind", f"127.0.0.1:{port}", "--chdir", str(EXAMPLES),
+               "--bind", f"127.0.0.1:{port}", "--chdir", str(chdir),
                "--timeout", str(timeout), "--graceful-timeout", "2",
-               "--log-level", "warning", "wsgi_app:application"]
+               "--log-level", "warning", app]
     if preload:
         command.insert(1, "--preload")  # preload_app = True
     return command

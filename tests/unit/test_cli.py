@@ -20,6 +20,7 @@ COMMANDS = [
     ["demo"], ["doctor"], ["breakers"], ["breaker", "open"], ["breaker", "close"],
     ["breaker", "reset"], ["locks"], ["state", "get"], ["state", "set"], ["state", "del"],
     ["state", "keys"], ["events", "tail"], ["events", "publish"], ["stream", "read"],
+    ["top"], ["dashboard"],
 ]
 
 
@@ -43,7 +44,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in ("demo", "doctor", "breakers", "breaker", "locks", "state", "events",
-                    "stream"):
+                    "stream", "top", "dashboard"):
         assert command in out
 
 
@@ -73,6 +74,7 @@ def test_every_command_accepts_json(words: list[str]) -> None:
     ["stream", "read", "s", "--count", "0"],
     ["events", "tail", "t", "--timeout", "-1"],
     ["breaker", "open", "x", "--for", "soon"],
+    ["top", "--interval", "0"],
     ["breaker", "open", "x", "--for", "0"],
     ["breaker", "open", "x", "--for", "nan"],
     ["breaker", "open", "x", "--for", "1e14"],
