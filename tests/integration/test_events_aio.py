@@ -143,19 +143,29 @@ async def test_aclose_ends_a_callback_subscriptions_task(
     assert aio._ctx.listener.table_sizes() == baseline
 
 
-async def test_cancelled_aclose_still_closes(aio: flexisync.aio.AsyncCoordinator) -> None:
+async def test_cancelled_aclose_still_closes(proxy: FaultProxy) -> None:
     """aclose() cancelled while it awaits the UNSUBSCRIBE confirmation leaves the
-    subscription closed and its handler removed."""
-    baseline = await _baseline(aio)
-    sub = await aio.events.subscribe("cancel-close")
-    task = asyncio.create_task(sub.aclose())
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert sub.closed
-    assert aio._ctx.listener.table_sizes()["handlers"] == baseline["handlers"]
-    await until(lambda: aio._ctx.listener.table_sizes() == baseline, "unsubscribe answered")
+    subscription closed and its handler removed. The proxy holds the confirmation back,
+    so the cancellation always lands while aclose() waits for it."""
+    aio = flexisync.aio.connect(proxy.url(), namespace="aio-cancel-close")
+    try:
+        baseline = await _baseline(aio)
+        sub = await aio.events.subscribe("cancel-close")
+        proxy.stall()
+        try:
+            task = asyncio.create_task(sub.aclose())
+            await asyncio.sleep(0)  # the task sends UNSUBSCRIBE and awaits its answer
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert sub.closed
+            assert aio._ctx.listener.table_sizes()["handlers"] == baseline["handlers"]
+        finally:
+            proxy.resume()
+        await until(lambda: aio._ctx.listener.table_sizes() == baseline, "unsubscribe answered")
+    finally:
+        await aio.aclose()
 
 
 # --- reconnects -----------------------------------------------------------------------------
