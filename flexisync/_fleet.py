@@ -46,6 +46,7 @@ from typing import Any
 
 from flexisync._cluster import scan_page
 from flexisync._core.context import Context
+from flexisync._core.locks import read_locks_plan
 from flexisync._core.plan import Call, Plan, Script, arun, run
 from flexisync._log import get_logger
 from flexisync.breaker._hub import MalformedRecord, hub_of
@@ -264,21 +265,10 @@ def _breakers(ctx: Context, names: list[str]) -> Plan[list[dict[str, Any]]]:
 
 
 def _locks(ctx: Context, names: list[str]) -> Plan[list[dict[str, Any]]]:
-    rows: list[dict[str, Any]] = []
-    for chunk in _chunks(names):
-        leases = [ctx.keys.key("lock", name) for name in chunk]
-        replies = yield Call("fleet.locks", functools.partial(_read_leases, leases))
-        for i, name in enumerate(chunk):
-            value, pttl, fence, waiters = replies[4 * i:4 * i + 4]
-            if _foreign(value, pttl, fence, waiters) or value is None or int(pttl) == -2:
-                continue  # released since the SCAN, or not a lease flexisync wrote
-            parts = _text(value).split(":", 1)
-            rows.append({"name": name,
-                         "holder": parts[1] if len(parts) == 2 else None,
-                         "ttl_left": None if int(pttl) == -1 else int(pttl) / 1000,
-                         "fencing_token": int(fence) if fence is not None else None,
-                         "waiters": int(waiters)})
-    return rows
+    infos = yield from read_locks_plan(ctx, names)
+    return [{"name": info.name, "holder": info.holder,
+             "ttl_left": _finite(info.ttl), "fencing_token": info.fencing_token,
+             "waiters": info.waiters} for info in infos]
 
 
 def _streams(ctx: Context, names: list[str]) -> Plan[list[dict[str, Any]]]:
@@ -324,13 +314,6 @@ def _foreign(*replies: Any) -> bool:
 def _scan(cursor: Any, pattern: str, client: Any) -> Any:
     # A cluster's SCAN visits every master in turn (flexisync._cluster.scan_page).
     return scan_page(cursor, pattern, _SCAN_COUNT, client)
-
-
-def _read_leases(leases: list[str], client: Any) -> Any:
-    pipe = client.pipeline(transaction=False)
-    for lease in leases:
-        pipe.get(lease).pttl(lease).get(lease + ":fence").zcard(lease + ":queue")
-    return pipe.execute(raise_on_error=False)
 
 
 def _read_streams(keys: list[str], client: Any) -> Any:

@@ -246,12 +246,7 @@ def _collect_context(ctx: Context, out: _Samples) -> None:
             for sub in bus.live_subscriptions():
                 stats = sub.stats
                 base = {"namespace": ns, "topic": sub.topic}
-                out.add("flexisync_events_received_total", base, stats.received)
-                out.add("flexisync_events_delivered_total", base, stats.delivered)
-                out.add("flexisync_events_dropped_total", base, stats.dropped)
-                out.add("flexisync_events_invalid_total", base, stats.invalid)
-                out.add("flexisync_events_errors_total", base, stats.errors)
-                out.add("flexisync_events_gaps_total", base, stats.gaps)
+                _add_event_counts(out, base, stats)
                 out.add("flexisync_events_queued", base, stats.queued)
     reader = extensions.get("streams.reader")
     if reader is not None:
@@ -327,12 +322,7 @@ def _collect_tally(ns: str, tally: Tally, out: _Samples) -> None:
         base = {"namespace": ns, "topic": name}
         out.add("flexisync_events_published_total", base, topic.published)
         if topic.received:  # subscriptions to it were closed: their final counts
-            out.add("flexisync_events_received_total", base, topic.received)
-            out.add("flexisync_events_delivered_total", base, topic.delivered)
-            out.add("flexisync_events_dropped_total", base, topic.dropped)
-            out.add("flexisync_events_invalid_total", base, topic.invalid)
-            out.add("flexisync_events_errors_total", base, topic.errors)
-            out.add("flexisync_events_gaps_total", base, topic.gaps)
+            _add_event_counts(out, base, topic)
     for name, stream in tally.table_snapshot(tally.streams):
         out.add("flexisync_stream_appends_total", {"namespace": ns, "stream": name},
                 stream.appends)
@@ -398,3 +388,12 @@ async def afleet_outcomes(coordinator: Any, name: str,
     ctx = _ctx_of(coordinator)
     return await arun(ctx, _outcomes_plan(ctx, name, buckets))
 
+
+#: A subscription's counters, as ``flexisync_events_<field>_total``.
+_EVENT_COUNTS = ("received", "delivered", "dropped", "invalid", "errors", "gaps")
+
+
+def _add_event_counts(out: _Samples, base: dict[str, str], counts: Any) -> None:
+    """Add the event counters of ``counts`` (live ``stats`` or a closed topic's tally)."""
+    for field in _EVENT_COUNTS:
+        out.add(f"flexisync_events_{field}_total", base, getattr(counts, field))

@@ -649,24 +649,44 @@ def list_locks_plan(ctx: Context) -> Plan[list[LockInfo]]:
         found.update(k for k in map(_text, batch) if k.endswith("}"))
         if int(cursor) == 0:
             break
-    leases = sorted(found)
+    names = sorted(lease[len(prefix):-1] for lease in found)
+    return (yield from read_locks_plan(ctx, names))
+
+
+def read_locks_plan(ctx: Context, names: list[str]) -> Plan[list[LockInfo]]:
+    """The locks among ``names`` that are held now, in the order given (one pipelined
+    round trip per 200 names). A lock released meanwhile is left out, and so is a key
+    holding data flexisync did not write (a wrong type, a fence that is not a number):
+    listing never fails on foreign data."""
     result: list[LockInfo] = []
-    for start in range(0, len(leases), 200):
-        chunk = leases[start:start + 200]
-        replies = yield Call("locks.list", functools.partial(_read_leases, chunk))
-        for i, lease in enumerate(chunk):
+    for start in range(0, len(names), 200):
+        chunk = names[start:start + 200]
+        leases = [ctx.keys.key("lock", name) for name in chunk]
+        replies = yield Call("locks.list", functools.partial(_read_leases, leases))
+        for i, name in enumerate(chunk):
             value, pttl, fence, waiters = replies[4 * i:4 * i + 4]
-            if value is None or int(pttl) == -2:
-                continue  # released between SCAN and the read
+            if value is None or not isinstance(pttl, int) or pttl == -2 \
+                    or not isinstance(waiters, int) or isinstance(value, Exception):
+                continue  # released between SCAN and the read, or not a lease
+            fencing_token = _int_or_none(fence)
+            if fence is not None and fencing_token is None:
+                continue  # a fence flexisync did not write
             parts = _text(value).split(":", 1)
             result.append(LockInfo(
-                name=lease[len(prefix):-1],
-                ttl=math.inf if int(pttl) == -1 else int(pttl) / 1000,
-                fencing_token=int(fence) if fence is not None else None,
+                name=name,
+                ttl=math.inf if pttl == -1 else pttl / 1000,
+                fencing_token=fencing_token,
                 holder=parts[1] if len(parts) == 2 else None,
-                waiters=int(waiters),
+                waiters=waiters,
             ))
     return result
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _scan(cursor: Any, match: str, client: Any) -> Any:
@@ -678,4 +698,4 @@ def _read_leases(chunk: list[str], client: Any) -> Any:
     pipe = client.pipeline(transaction=False)
     for lease in chunk:
         pipe.get(lease).pttl(lease).get(lease + ":fence").zcard(lease + ":queue")
-    return pipe.execute()
+    return pipe.execute(raise_on_error=False)  # a foreign key fails alone

@@ -198,6 +198,19 @@ def test_list_locks_reports_holder_fence_and_ttl(sync: flexisync.Coordinator) ->
     b.release()
     assert [i.name for i in list_locks(sync)] == ["list-a"]
     a.release()
+
+
+def test_list_locks_skips_foreign_data(sync: flexisync.Coordinator, raw: Any) -> None:
+    """Keys under the lock prefix that flexisync did not write (a hash where a lease
+    belongs, a fence that is not a number) are left out; the real lock is listed."""
+    held = sync.lock("real", ttl=30)
+    assert held.acquire()
+    ns = sync.namespace
+    raw.hset(f"{ns}:lock:{{hash}}", "x", "1")
+    raw.set(f"{ns}:lock:{{badfence}}", "tok:host:1", ex=30)
+    raw.set(f"{ns}:lock:{{badfence}}:fence", "not-a-number", ex=30)
+    assert [i.name for i in list_locks(sync)] == ["real"]
+    held.release()
     assert list_locks(sync) == []
 
 
