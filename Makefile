@@ -45,7 +45,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/state.py
-	@for b in locks semaphores rate_limiter events breaker metrics aio sse sentinel cluster; do \
+	@for b in locks semaphores rate_limiter events breaker metrics aio sse sentinel cluster scaling; do \
 	  if [ -f benchmarks/$$b.py ]; then $(BIN)/python benchmarks/$$b.py || exit 1; fi; done
 
 clean:

@@ -27,3 +27,10 @@ def quiet_logs() -> None:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+def print_checks(checks: dict[str, bool]) -> None:
+    """Print each target as ``- met: ...`` or ``- MISSED: ...``."""
+    print()
+    for what, ok in checks.items():
+        print(f"- {'met' if ok else 'MISSED'}: {what}")

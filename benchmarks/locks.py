@@ -1,4 +1,5 @@
-"""Lock benchmark: flexisync vs redis-py ``Lock``, python-redis-lock and pottery ``Redlock``.
+"""Lock benchmark: flexisync vs redis-py ``Lock``, python-redis-lock and pottery ``Redlock``,
+next to a raw redis-py floor (``RawFloor``: the least a pushed handoff can cost).
 
 Run: ``.venv/bin/python benchmarks/locks.py`` (Redis from ``FLEXISYNC_BENCH_URL``, default
 ``redis://localhost:6379/15``). One run measures every library the same way:
@@ -31,16 +32,53 @@ from typing import Any
 
 import redis
 
+from _common import print_checks  # benchmarks/_common.py
+
 URL = os.environ.get("FLEXISYNC_BENCH_URL", "redis://localhost:6379/15")
 NAMESPACE = f"bench-locks-{uuid.uuid4().hex[:8]}"
-LIBRARIES = ("flexisync", "flexisync fair", "redis-py Lock", "python-redis-lock",
-             "pottery Redlock")
+LIBRARIES = ("flexisync", "flexisync fair", "raw redis-py floor", "redis-py Lock",
+             "python-redis-lock", "pottery Redlock")
 ROUNDS = 25
 HANDOFFS = {"redis-py Lock": 30, "pottery Redlock": 30}  # slow peers: fewer samples
 DEFAULT_HANDOFFS = 100
 LOOP_WORKERS = 8
 LOOP_SECONDS = 2.0
 HOLD = 0.001
+
+
+class RawFloor:
+    """The physical floor of a pushed handoff, in plain redis-py: ``SET NX PX`` to
+    acquire; a waiter that missed subscribes once (kept for the next wait) and blocks
+    on its pub/sub socket in the calling thread (no listener thread to hand over
+    from); a release is one script (DEL if ours + PUBLISH). Release -> wake -> acquire
+    costs the release's round trip, the message's delivery and the acquire's round
+    trip; no fencing, no retries, no expiry handling."""
+
+    RELEASE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]); "
+               "redis.call('PUBLISH', KEYS[1], '') end")
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client, self.key = client, key
+        self.token = uuid.uuid4().hex
+        self.pubsub: Any = None
+        self.release_script = client.register_script(self.RELEASE)
+
+    def acquire(self) -> bool:
+        while not self.client.set(self.key, self.token, nx=True, px=10_000):
+            if self.pubsub is None:
+                self.pubsub = self.client.pubsub(  # type: ignore[no-untyped-call]
+                    ignore_subscribe_messages=True)
+                self.pubsub.subscribe(self.key)
+                continue  # attempt again now that releases reach us
+            self.pubsub.get_message(timeout=5.0)
+        return True
+
+    def release(self) -> None:
+        self.release_script(keys=[self.key], args=[self.token])
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            self.pubsub.close()
 
 
 class Adapter:
@@ -62,8 +100,11 @@ class Adapter:
             return
         client = redis.Redis.from_url(URL)
         self.closers.append(client.close)
-        if library == "redis-py Lock":
-            peer: Any = client.lock(key, timeout=10)
+        if library == "raw redis-py floor":
+            peer: Any = RawFloor(client, key)
+            self.closers.insert(0, peer.close)
+        elif library == "redis-py Lock":
+            peer = client.lock(key, timeout=10)
         elif library == "python-redis-lock":
             import redis_lock
 
@@ -82,7 +123,7 @@ class Adapter:
 def peer_keys(name: str) -> list[str]:
     """Every key the peers may create for ``name`` (outside our namespace prefix too)."""
     key = f"{NAMESPACE}:{name}"
-    return [key, f"lock:{key}", f"lock-signal:{key}", f"redlock:{key}"]
+    return [key, f"lock:{key}", f"lock-signal:{key}", f"redlock:{key}"]  # (floor: key)
 
 
 def _quiet() -> None:
@@ -246,15 +287,15 @@ def main() -> int:
     fair = results["flexisync fair"]
     checks = {
         "handoff p50 <= 0.35 ms": base["p50"] <= 0.35,
+        "handoff p50 <= 1.5x the raw redis-py floor measured in this run":
+            base["p50"] <= 1.5 * results["raw redis-py floor"]["p50"],
         "handoff p50 >= 10x better than redis-py Lock":
             results["redis-py Lock"]["p50"] >= 10 * base["p50"],
         "uncontended no slower than redis-py Lock":
             base["pair"] <= results["redis-py Lock"]["pair"],
         f"fair worst wait <= {LOOP_WORKERS} hold times": fair["overtaken"] <= LOOP_WORKERS,
     }
-    print()
-    for what, ok in checks.items():
-        print(f"- {'met' if ok else 'MISSED'}: {what}")
+    print_checks(checks)
     return 0
 
 

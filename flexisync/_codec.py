@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
@@ -35,8 +37,47 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
-_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decode = _decoder.decode
+_scan: Callable[[str, int], tuple[Any, int]] = getattr(_decoder, "scan_once")  # noqa: B009
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_encode = _encoder.encode
+
+
+def _c_encode() -> Callable[[Any], str] | None:
+    """``_encode`` without its Python wrapper (the C encoder called directly), or
+    ``None`` when this interpreter's C encoder is missing or builds different text.
+
+    Same settings as ``_encode``: compact separators, ASCII output, no NaN/Infinity and
+    circular references detected (a fresh ``markers`` dict per call).
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    default, escape = _encoder.default, json.encoder.encode_basestring_ascii
+    spare = threading.local()  # one idle encoder per thread (building one costs ~0.3 µs)
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return escape(value)
+        # Taken, not borrowed: a nested call (a user's mapping calling dumps) builds its
+        # own, and an encoder whose markers a failure may have left dirty is dropped.
+        encoder = spare.__dict__.pop("encoder", None) or make(
+            {}, default, escape, None, ":", ",", False, False, False)
+        text = "".join(encoder(value, 0))
+        spare.encoder = encoder
+        return text
+
+    probe = {"a": [1, 2.5, None, True, "\u00e9\n"], "b": {"c": -3}}
+    try:
+        if encode(probe) != _encode(probe):
+            return None
+    except TypeError:  # another signature
+        return None
+    return encode
+
+
+_fast_encode = _c_encode() or _encode
 
 # String literals (removed before measuring depth: brackets inside them do not nest)
 # and runs of characters that are neither brackets nor quotes.
@@ -52,7 +93,7 @@ def _depth(text: str, limit: int = MAX_DEPTH) -> int:
     JSON it is at least the depth a parser reaches before it finds the error, so it is
     safe as a guard in front of one.
     """
-    if text.count("[") + text.count("{") <= limit:
+    if len(text) <= limit or text.count("[") + text.count("{") <= limit:
         return 0
     brackets = _NOISE.sub("", text).replace('"', "")
     # Dropping every innermost pair lowers the deepest point by exactly one (an upper
@@ -76,7 +117,7 @@ def dumps(value: Any, what: str = "value") -> str:
             than :data:`MAX_DEPTH`. Raised before anything is written anywhere.
     """
     try:
-        text: str = _encode(value)
+        text: str = _fast_encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise TypeError(f"{what} is not JSON-serializable: {reason}") from None
@@ -100,7 +141,12 @@ def loads(raw: bytes | str, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
         DecodeError: ``raw`` is not UTF-8, not JSON, uses ``NaN``/``Infinity``, or
             nests deeper than ``max_depth`` levels.
     """
-    if isinstance(raw, (bytes, bytearray, memoryview)):
+    if type(raw) is bytes:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(what, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    elif isinstance(raw, (bytes, bytearray, memoryview)):
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -113,7 +159,16 @@ def loads(raw: bytes | str, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
     if levels > max_depth:
         raise DecodeError(what, f"nested {levels} levels deep (the limit is {max_depth})")
     try:
-        return _decode(text)
+        # Fast path: a document that starts at 0 and ends at the last character (what
+        # dumps() writes); anything else (surrounding whitespace, extra data, errors)
+        # goes through the full decoder, for its exact result and message.
+        try:
+            value, end = _scan(text, 0)
+        except (StopIteration, ValueError):
+            return _decode(text)
+        if end != len(text):
+            return _decode(text)
+        return value
     except RecursionError:  # only if the caller's stack was already nearly full
         raise DecodeError(what, "nested too deeply to parse here") from None
     except ValueError as exc:  # JSONDecodeError, huge integer literals, NaN/Infinity

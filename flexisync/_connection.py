@@ -334,7 +334,15 @@ class _DeadlineMixin:
         sock = self._sock
         if sock is None:
             return
-        left = self._left()
+        at = _DEADLINE.get()  # _left() inlined: this runs twice per command
+        if at is None:
+            left = None
+        else:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise rexc.TimeoutError(
+                    "flexisync deadline reached before the command was sent")
+            left = max(left, _MIN_WAIT)
         current = self._fx_timeout
         own = self.socket_timeout
         if left is None or (own is not None and left >= own):
@@ -348,8 +356,9 @@ class _DeadlineMixin:
             self._fx_timeout = left
 
     def connect(self) -> None:
-        if self._sock is not None:  # redis-py calls this before every command: no-op
-            super().connect()  # type: ignore[misc]
+        if self._sock is not None:
+            # redis-py calls this before every command, and returns at once when
+            # connected (after a retry wrapper and two lambdas): skip straight to that.
             return
         self._fx_timeout = None
         left = self._left()
@@ -714,7 +723,9 @@ class Backend:
             self.check_fork()
         policy = self.retry if retry is None else retry
         start = time.monotonic()
-        bound = call_bound(policy, start, deadline)
+        bound = start + policy.deadline  # call_bound(), inlined on the hot path
+        if deadline is not None and deadline < bound:
+            bound = deadline
         token = _DEADLINE.set(bound)
         try:
             return fn(self.client)
@@ -766,10 +777,23 @@ class Backend:
     def run_script(self, operation: str, name: str, keys: Sequence[str],
                    args: Sequence[Any], *, idempotent: bool = True,
                    deadline: float | None = None, retry: RetryPolicy | None = None) -> Any:
-        """Run a Lua script through :meth:`call` (same arguments, same errors)."""
+        """Run a Lua script through :meth:`call` (same arguments, same errors).
+
+        EVALSHA straight on the client (what redis-py's ``Script.__call__`` does, minus
+        its per-call import and copies); on NOSCRIPT (a restarted or other server) the
+        script is loaded and run again, as there.
+        """
         script = self.script(name)
-        return self.call(operation, lambda _c: script(keys=keys, args=args),
-                         idempotent=idempotent, deadline=deadline, retry=retry)
+
+        def evalsha(client: Any) -> Any:
+            try:
+                return client.evalsha(script.sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                script.sha = client.script_load(script.script)
+                return client.evalsha(script.sha, len(keys), *keys, *args)
+
+        return self.call(operation, evalsha, idempotent=idempotent, deadline=deadline,
+                         retry=retry)
 
     def ping(self) -> float:
         """One PING; the round-trip time in seconds."""

@@ -4,11 +4,12 @@ Layout (``ns`` is the Coordinator's namespace, ``{name}`` is a Redis Cluster has
 that every key of one object lands in one slot and its Lua scripts may touch them all)::
 
     ns:state:{scope}:key           one StateStore value
-    ns:lock:{name}                 a lock's lease (value = owner token "random:host:pid")
-    ns:lock:{name}:fence           the lock's fencing counter (expires after a day unused)
+    ns:lock:{name}                 a lock's lease (value = owner token "random:host:pid";
+                                   "~token" while a free fair lock is reserved for token)
+    ns:lock:{name}:fence           the lock's fencing counter (expires after about a day)
     ns:lock:{name}:released:<id>   "released by token <id>" marker (a few seconds)
+    ns:lock:{name}:waiters         default-mode waiters (ZSET token -> arrival, us)
     ns:lock:{name}:queue           fair-mode waiter queue (ZSET token -> arrival, us)
-    ns:lock:{name}:queue:ttl       fair-mode waiter expiries (ZSET token -> server ms)
     ns:lock:{name}                 wake-up channel PUBLISHed by a lock's release
     ns:sem:{name}                  a semaphore's holders (ZSET owner token -> lease expiry, ms)
     ns:sem:{name}:queue            its FIFO waiter queue (ZSET token -> arrival, us)

@@ -248,6 +248,7 @@ class Listener:
 
     def _add(self, key: _Key, handler: Handler, timeout: float | None) -> Registration:
         start = time.monotonic()
+        self._check_fork()
         with self._cond:
             registration, deadline, limit = self._register(key, handler, timeout, start)
             try:
@@ -264,6 +265,7 @@ class Listener:
         blocking the event loop. Cancelled while it waits, the handler is removed."""
         start = time.monotonic()
         signal = Signal()
+        self._check_fork()
         with self._cond:
             registration, deadline, limit = self._register(key, handler, timeout, start)
             self._signals.add(signal)
@@ -282,12 +284,17 @@ class Listener:
                 self._signals.discard(signal)
                 self._unwait(key)
 
+    def _check_fork(self) -> None:
+        """In a child forked without Python's hooks (uWSGI), reset the Context (this
+        listener included: a new ``_cond``) before taking any of its locks."""
+        if self._backend.pid != os.getpid():
+            self._backend.check_fork()
+
     def _register(self, key: _Key, handler: Handler, timeout: float | None,
                   start: float) -> tuple[Registration, float, float]:
         """Add ``handler`` and send the (P)SUBSCRIBE if it is the key's first; caller
-        holds ``_cond``. Returns the registration, the deadline and the limit."""
-        if self._backend.pid != os.getpid():
-            self._backend.check_fork()  # may reset this listener (a fork nobody announced)
+        holds ``_cond`` and ran :meth:`_check_fork` before taking it. Returns the
+        registration, the deadline and the limit."""
         limit = timeout if timeout is not None else self._backend.retry.deadline
         if self._closed:
             raise BackendUnavailable(self._backend.address, reason="the Coordinator is closed")
@@ -537,6 +544,12 @@ class Listener:
                 ping_sent = now
 
     def _dispatch(self, reply: Any) -> None:
+        if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            # The common case first: a message on a channel (hiredis gives bytes).
+            name = reply[1]
+            channel = name.decode("utf-8", "replace") if type(name) is bytes else str(name)
+            self._deliver(("channel", channel), channel, reply[2], None)
+            return
         if isinstance(reply, rexc.ResponseError):
             if not self._excess_error(reply):
                 self._answer(None, reply)
@@ -609,7 +622,15 @@ class Listener:
         handlers = self._handlers.get(key)
         if not handlers:
             return
-        payload = data if isinstance(data, bytes) else str(data).encode()
+        payload = data if type(data) is bytes or isinstance(data, bytes) else str(data).encode()
+        if len(handlers) == 1:
+            handler = handlers[0]
+            try:
+                handler(channel, payload, pattern)
+            except Exception:
+                self.handler_errors += 1
+                self._log.exception("events.handler_failed", channel=channel)
+            return
         for handler in tuple(handlers):
             try:
                 handler(channel, payload, pattern)

@@ -20,6 +20,7 @@ from flexisync._connection import (
     validate_redis_options,
 )
 from flexisync._core.context import Context, shared
+from flexisync._dispatch import DEFAULT_CALLBACK_THREADS, pool_of, validate_callback_threads
 from flexisync._durations import Duration
 from flexisync._keys import KeySpace, validate_name
 from flexisync.errors import ConfigError
@@ -38,7 +39,9 @@ __all__ = ["Coordinator", "connect"]
 
 
 def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any = None,
-            retry: RetryPolicy | None = None, **redis_options: Any) -> Coordinator:
+            retry: RetryPolicy | None = None,
+            callback_threads: int = DEFAULT_CALLBACK_THREADS,
+            **redis_options: Any) -> Coordinator:
     """Create a :class:`Coordinator`. Opens no connection until the first operation.
 
     Args:
@@ -53,6 +56,10 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
             socket wait by the call's deadline, so the retry and deadline rules hold
             whatever the client; the given client is left untouched and not closed.
         retry: how long to keep retrying while Redis is unreachable.
+        callback_threads: how many threads run the callbacks of event subscriptions
+            (default 4, started as needed), however many subscriptions there are.
+            Coordinators that share a connection (below) share these threads: there
+            are as many as the largest number any of them asked for.
         redis_options: extra keyword arguments for ``redis.Redis`` (e.g.
             ``socket_timeout=1.0``), checked before anything is built.
 
@@ -63,10 +70,14 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
     Raises:
         ConfigError: malformed URL, unknown scheme, bad namespace, an unknown redis
             option (with the closest known name) or a timeout that is not a finite
-            number of seconds, or ``client`` combined with ``url`` or ``redis_options``.
+            number of seconds, ``client`` combined with ``url`` or ``redis_options``,
+            or ``callback_threads`` not an int >= 1.
     """
-    return Coordinator(open_context(url, namespace=namespace, client=client, retry=retry,
-                                    redis_options=redis_options))
+    threads = validate_callback_threads(callback_threads)
+    ctx = open_context(url, namespace=namespace, client=client, retry=retry,
+                       redis_options=redis_options)
+    pool_of(ctx).widen(threads)
+    return Coordinator(ctx)
 
 
 def open_context(url: str | None, *, namespace: str, client: Any, retry: RetryPolicy | None,

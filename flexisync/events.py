@@ -19,9 +19,19 @@ How it works, and why:
   dropped and counted, so a stalled consumer sees the newest events and costs bounded
   memory. The queue holds the messages as received (bytes): they are decoded when
   consumed, so ``max_bytes`` bounds what the queue holds, whatever the JSON decodes to.
-* A subscription with a callback has its own dispatcher thread, so a slow or raising
-  callback never delays another subscription. A raising callback is logged
-  (``events.callback_failed``) and counted; delivery goes on.
+* Callbacks run on the Context's bounded dispatch pool (:mod:`flexisync._dispatch`):
+  at most ``callback_threads`` threads (``flexisync.connect(..., callback_threads=4)``)
+  named ``flexisync-dispatch-<n>``, however many callback subscriptions there are. A
+  subscription is put in the pool's line when its queue goes from empty to non-empty;
+  a worker delivers up to 64 of its events (or about 5 ms' worth) in order, then puts
+  it back at the end of the line if more wait, so a busy subscription cannot starve
+  the others and one subscription's callback never runs on two threads at once. A
+  raising callback is logged (``events.callback_failed``) and counted; delivery goes
+  on. A slow callback holds one worker while it runs: with N workers, N callbacks
+  blocked at once hold up every other callback subscription of the process until one
+  returns (their events wait in their queues, bounded as above). For slow work, raise
+  ``callback_threads``, pull with ``get()`` on a thread of your own, or use the asyncio
+  shell (no threads: one task per callback subscription).
 
 Wire format: the message is JSON, ``{"flexisync": 1, "id": ..., "type": ..., "time": ...,
 "source": ..., "data": ...}``. Valid JSON that is not such an envelope (published by
@@ -35,24 +45,30 @@ Accounting, per subscription and process: ``received == delivered + invalid + dr
 + queued`` at every moment (``queued`` includes a message being decoded).
 
 The logic lives once in :mod:`flexisync._core.events`; this module only waits with
-threads.
+threads and hands callback subscriptions to the dispatch pool.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexisync._core.events import (
     DEFAULT_MAX_BYTES,
+    EMPTY,
     BusCore,
     Event,
     SubscriptionCore,
     SubscriptionStats,
 )
 from flexisync._core.events import _ids as _ids  # noqa: PLC0414  (streams import it here)
-from flexisync._core.plan import run
+from flexisync._core.plan import Signal, run
+from flexisync._dispatch import BATCH_EVENTS, BATCH_SECONDS, CLOSE_TIMEOUT, Lane, pool_of
+
+if TYPE_CHECKING:
+    from flexisync._core.context import Context
 
 __all__ = ["DEFAULT_MAX_BYTES", "Event", "EventBus", "Subscription", "SubscriptionStats"]
 
@@ -65,6 +81,13 @@ class EventBus(BusCore):
     Topics follow the name rule (1-200 characters from letters, digits and ``._-:/@``);
     :meth:`subscribe` also accepts the glob characters ``* ? [ ]``.
     """
+
+    def __init__(self, ctx: Context) -> None:
+        # The pool first: Context hooks run in order at fork (the pool renews its
+        # workers before subscriptions rebuild their lanes) and in reverse at close
+        # (subscriptions close, waiting for running callbacks, before the pool stops).
+        pool_of(ctx)
+        super().__init__(ctx)
 
     def publish(self, topic: str, data: Any = None, *, type: str = "message") -> int:
         """Send ``data`` to every current subscriber of ``topic``, in every process.
@@ -98,8 +121,10 @@ class EventBus(BusCore):
 
         Args:
             topic: a topic, or a pattern with ``*``, ``?``, ``[...]`` (``"jobs.*"``).
-            callback: called as ``callback(event)`` on the subscription's own
-                dispatcher thread. ``None``: pull events with ``get()`` or iteration.
+            callback: called as ``callback(event)`` on a thread of the Context's
+                dispatch pool (``callback_threads`` of them, shared by every callback
+                subscription), one event at a time and in order. ``None``: pull
+                events with ``get()`` or iteration.
             maxsize: how many events may wait; past it the oldest is dropped.
             max_bytes: how many bytes of messages (as received, before decoding) may
                 wait; past it the oldest are dropped. A single message larger than
@@ -120,7 +145,7 @@ class EventBus(BusCore):
         try:
             run(self._ctx, self.subscribe_plan(sub, limit))
         except BaseException:
-            sub.close()  # joins the dispatcher thread
+            sub.close()
             raise
         return sub
 
@@ -158,7 +183,8 @@ class EventBus(BusCore):
 class Subscription(SubscriptionCore):
     """One subscription to a topic or pattern; build it with ``EventBus.subscribe``.
 
-    With a callback, events are delivered on the subscription's own dispatcher thread.
+    With a callback, events are delivered on the Context's dispatch pool, in order and
+    one at a time (see the module docstring for how a slow callback delays others).
     Without one, pull them with :meth:`get` or by iterating (which ends once the
     subscription is closed). A context manager: leaving the block closes it.
 
@@ -168,14 +194,16 @@ class Subscription(SubscriptionCore):
         max_bytes: how many bytes of messages (as received) the queue holds at most.
     """
 
-    _thread: threading.Thread | None = None
+    _lane: Lane | None = None
 
     def _start_local(self) -> None:
-        self._thread = None
+        """A callback subscription becomes a lane of the pool (again after a fork), and
+        its ready signal the lane's doorbell."""
+        self._lane = None
         if self._callback is not None and not self._closed:
-            self._thread = threading.Thread(
-                target=self._dispatch, name=f"flexisync-events:{self.topic}", daemon=True)
-            self._thread.start()
+            lane = pool_of(self._bus._ctx).lane(self._drain, self.topic)
+            self._lane = lane
+            self._ready = _Doorbell(lane)
 
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (``None``: until one comes).
@@ -215,16 +243,17 @@ class Subscription(SubscriptionCore):
         """Unsubscribe. Idempotent.
 
         Events still queued are discarded (counted in ``stats.dropped``) and the
-        callback is not called again. It waits up to 5 seconds for a callback that is
-        running to return (not at all when called from the callback itself). A
-        blocked ``get()`` returns ``None``.
+        callback is not called again: once ``close()`` returns, no call of it runs,
+        unless a running one did not return within 5 seconds (``close()`` waits that
+        long) or ``close()`` was called from the callback itself (it then returns at
+        once; that call finishes normally). A blocked ``get()`` returns ``None``.
         """
         closing = self._mark_closed()
         if closing and self._registration is not None:
             self._registration.close()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5.0)
+        lane = self._lane
+        if lane is not None:
+            lane.close(CLOSE_TIMEOUT)
 
     _shutdown = close
 
@@ -234,11 +263,43 @@ class Subscription(SubscriptionCore):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _dispatch(self) -> None:
+    def _drain(self) -> bool:
+        """One turn on a pool worker: call the callback for up to a batch of queued
+        events, in order. Returns False once the queue was seen empty (the ready signal
+        is then clear, so the next enqueue schedules the lane again) or the
+        subscription closed; True when the batch ran out first (the lane goes to the
+        back of the line)."""
         callback = self._callback
         assert callback is not None
-        while (event := self._next(None)) is not None:
+        take = self._take_event
+        end = time.monotonic() + BATCH_SECONDS
+        for _ in range(BATCH_EVENTS):
+            event = take()
+            if event is None or event is EMPTY:
+                return False
             try:
                 callback(event)
             except Exception:
                 self._callback_failed(event)
+            if time.monotonic() >= end:
+                break
+        return True
+
+
+class _Doorbell(Signal):
+    """A callback subscription's ready signal: the listener sets it when the queue goes
+    from empty to non-empty (and close sets it); setting it also schedules the lane."""
+
+    __slots__ = ("_lane",)
+
+    def __init__(self, lane: Lane) -> None:
+        super().__init__()
+        self._lane = lane
+
+    def set(self) -> None:
+        """Set the flag, then have a pool worker drain the subscription.
+
+        Nobody waits on this signal (``get()`` refuses on a callback subscription), so
+        there is no waiter to wake: the flag alone, then the lane."""
+        self._flag = True
+        self._lane.schedule()

@@ -33,6 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from flexisync._codec import MAX_DEPTH, dumps, loads
@@ -119,6 +120,7 @@ class _Ids:
         self.pid = -1
         self.prefix = ""
         self.source = ""
+        self.source_json = '""'  # json.dumps(source), for the envelope
         self.counter: Iterator[int] = itertools.count()
 
     def next(self) -> tuple[str, str]:
@@ -128,8 +130,45 @@ class _Ids:
             self.pid = pid
             self.prefix = f"{time.time_ns() // 1_000_000:x}{secrets.token_hex(4)}-"
             self.source = f"{_HOST}:{pid}"
+            self.source_json = json.dumps(self.source)
             self.counter = itertools.count(1)
         return f"{self.prefix}{next(self.counter):x}", self.source
+
+
+class _Valid:
+    """Names already validated, mapped to what is derived from them (bounded memo).
+
+    ``get(name)`` returns the derived value of a valid ``name`` (a str), raising
+    ConfigError like :func:`~flexisync._keys.validate_name` for an invalid one; only
+    exact ``str`` instances are remembered, and the memo is emptied when full.
+    """
+
+    __slots__ = ("_derive", "_kind", "_memo")
+
+    def __init__(self, kind: str, derive: Callable[[str], str]) -> None:
+        self._kind = kind
+        self._derive = derive
+        self._memo: dict[str, str] = {}
+
+    def get(self, name: object) -> str:
+        if type(name) is str:
+            found = self._memo.get(name)
+            if found is not None:
+                return found
+        value = self._derive(validate_name(name, self._kind))
+        if type(name) is str:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[name] = value
+        return value
+
+
+_MEMO_SIZE = 1024
+#: Messages up to this many bytes are decoded while the queue's lock is held.
+_DECODE_HELD = 4096
+#: Event types seen valid, as their JSON text (publish) or as themselves (receive).
+_type_json = _Valid("event type", json.dumps)
+_type_seen = _Valid("event type", str)
 
 
 _ids = _Ids()
@@ -145,6 +184,8 @@ class BusCore:
         self._ctx = ctx
         self._keys = ctx.keys
         self._prefix = ctx.keys.channel("events", "")
+        prefix = self._prefix
+        self._channels = _Valid("topic", lambda topic: prefix + topic)
         self._log = get_logger("events", namespace=ctx.keys.namespace)
         self._subs: weakref.WeakSet[SubscriptionCore] = weakref.WeakSet()
         self._subs_lock = threading.Lock()
@@ -165,17 +206,17 @@ class BusCore:
             ConfigError: bad topic or event type.
             TypeError: ``data`` is not JSON-serializable or nests too deep.
         """
-        channel = self._prefix + validate_name(topic, "topic")
-        validate_name(type, "event type")
-        event_id, source = _ids.next()
+        channel = self._channels.get(topic)
+        kind = _type_json.get(type)
+        event_id, _ = _ids.next()
         body = dumps(data, "data")
-        message = (f'{{"flexisync":1,"id":"{event_id}","type":{json.dumps(type)},'
-                   f'"time":{time.time()!r},"source":{json.dumps(source)},"data":{body}}}')
+        message = (f'{{"flexisync":1,"id":"{event_id}","type":{kind},'
+                   f'"time":{time.time()!r},"source":{_ids.source_json},"data":{body}}}')
         return self._publish(topic, channel, message)
 
     def _publish(self, topic: str, channel: str, message: str) -> Plan[int]:
         # PUBLISH is not idempotent: retried only when it cannot have reached Redis.
-        count = yield Call("events.publish", lambda c: c.publish(channel, message),
+        count = yield Call("events.publish", partial(_publish, channel, message),
                            idempotent=False)
         tally_of(self._ctx).topic(topic).published += 1
         return int(count)
@@ -317,7 +358,10 @@ class SubscriptionCore:
 
     def _reset_local(self) -> None:
         """Queue, lock and counters of this process (fresh after a fork)."""
-        self._cond = threading.Condition(threading.Lock())
+        # Hot paths take the plain lock (a C context manager); _cond wraps the same lock
+        # for code that wants a Condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[Message] = collections.deque()
         self._bytes = 0  # sum of the payload sizes in _queue
         self._in_hand = 0  # taken off the queue, being decoded
@@ -333,7 +377,14 @@ class SubscriptionCore:
         self._start_local()
 
     def _start_local(self) -> None:
-        """Shell hook: start this process's delivery machinery (a callback worker)."""
+        """Shell hook: start this process's delivery machinery (a callback worker).
+
+        A shell may replace ``_ready`` here with a :class:`Signal` subclass (the sync
+        shell's callback subscriptions do: setting it schedules the subscription on
+        the dispatch pool). That relies on this class keeping two rules: the listener
+        calls ``_ready.set()`` whenever it enqueues into a queue whose signal is clear
+        (and close sets it), and ``_ready`` is cleared only under ``_lock`` by a
+        consumer that saw the queue empty."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -347,7 +398,7 @@ class SubscriptionCore:
 
         ``received == delivered + invalid + dropped + queued`` holds in every snapshot.
         """
-        with self._cond:
+        with self._lock:
             return SubscriptionStats(
                 received=self._received, delivered=self._delivered, dropped=self._dropped,
                 errors=self._errors, invalid=self._invalid, gaps=self._gaps,
@@ -357,7 +408,7 @@ class SubscriptionCore:
     @property
     def queued_bytes(self) -> int:
         """Bytes of messages waiting in the queue now (at most :attr:`max_bytes`)."""
-        with self._cond:
+        with self._lock:
             return self._bytes
 
     @property
@@ -398,19 +449,33 @@ class SubscriptionCore:
         queue is empty (``_ready`` is then clear: the next enqueue sets it). Invalid
         messages are counted and skipped. The fast path of every ``get``."""
         while True:
-            with self._cond:
-                message = self._take_ready()
-                if message is None:
+            with self._lock:
+                queue = self._queue
+                if not queue:
                     if self._closed:
                         return None
                     self._ready.clear()  # the queue is empty: the next enqueue sets it
                     return EMPTY
+                message = queue.popleft()
+                size = len(message[1])
+                self._bytes -= size
+                if size <= _DECODE_HELD:
+                    # A small message is decoded under the lock (one acquisition, not
+                    # two): it holds the GIL for those few µs anyway, so the listener
+                    # could not enqueue meanwhile. The queue was not empty: not closed.
+                    event = self._event_of(message)
+                    if event is None:
+                        self._invalid += 1
+                        continue
+                    self._delivered += 1
+                    return event
+                self._in_hand += 1
             event = self._decode(message)
             if event is not None:
                 return event
 
     def _take_ready(self) -> Message | None:
-        """The oldest message, or None when the queue is empty; caller holds ``_cond``."""
+        """The oldest message, or None when the queue is empty; caller holds ``_lock``."""
         if not self._queue:
             return None
         message = self._queue.popleft()
@@ -418,16 +483,20 @@ class SubscriptionCore:
         self._in_hand += 1
         return message
 
-    def _decode(self, message: Message) -> Event | None:
-        """The event a message carries, or None (counted invalid) for foreign junk."""
+    def _event_of(self, message: Message) -> Event | None:
+        """The event a message carries, or None for foreign junk (not counted here)."""
         channel, payload, arrived = message
         topic = self._bus._topic_of(channel)
         try:
             # The envelope adds one level around data that dumps() kept within MAX_DEPTH.
-            event = _event(topic, loads(payload, topic, max_depth=MAX_DEPTH + 1), arrived)
+            return _event(topic, loads(payload, topic, max_depth=MAX_DEPTH + 1), arrived)
         except DecodeError:
-            event = None
-        with self._cond:
+            return None
+
+    def _decode(self, message: Message) -> Event | None:
+        """The event a message carries, or None (counted invalid) for foreign junk."""
+        event = self._event_of(message)
+        with self._lock:
             self._in_hand -= 1
             if event is None:
                 self._invalid += 1
@@ -440,7 +509,7 @@ class SubscriptionCore:
 
     def _callback_failed(self, event: Event) -> None:
         """Count and log a raising callback (call from an ``except`` block)."""
-        with self._cond:
+        with self._lock:
             self._errors += 1
         self._bus._log.exception("events.callback_failed", topic=event.topic,
                                  type=event.type)
@@ -449,7 +518,7 @@ class SubscriptionCore:
 
     def _mark_closed(self) -> bool:
         """Close locally: drop the queue (counted), wake waiters; False if already closed."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return False
             self._closed = True
@@ -463,7 +532,7 @@ class SubscriptionCore:
 
     def _retire(self) -> None:
         """Fold this closed subscription's counters into its topic's record, so the
-        topic's totals never go backwards (caller holds ``_cond``). A message being
+        topic's totals never go backwards (caller holds ``_lock``). A message being
         decoded right now is counted as in flight (``received`` minus the rest)."""
         if self._gen != self._bus._ctx.fork_generation:
             return  # counters of the parent process
@@ -490,8 +559,8 @@ class SubscriptionCore:
         if self._closed or self._gen != self._bus._ctx.fork_generation:
             return  # closed, or a forked child before its fork hook rebuilt us
         size = len(payload)
-        with self._cond:
-            if self.closed:  # closed meanwhile
+        with self._lock:
+            if self.closed:  # closed meanwhile (the property: mypy narrows _closed)
                 return
             self._received += 1
             if size > self.max_bytes:  # could never fit: drop it now, say so once
@@ -522,6 +591,10 @@ class SubscriptionCore:
         self._reset_local()
 
 
+def _publish(channel: str, message: str, client: Any) -> Any:
+    return client.publish(channel, message)
+
+
 def _event(topic: str, doc: Any, arrived: float) -> Event | None:
     """The event a decoded message carries; None for a malformed flexisync envelope."""
     if not (isinstance(doc, dict) and doc.get("flexisync") == _ENVELOPE_VERSION):
@@ -530,11 +603,13 @@ def _event(topic: str, doc: Any, arrived: float) -> Event | None:
     if not (isinstance(event_id, str) and isinstance(kind, str) and isinstance(source, str)):
         return None
     try:
-        validate_name(kind, "event type")  # it becomes an SSE `event:` line
+        _type_seen.get(kind)  # validated: it becomes an SSE `event:` line
     except ConfigError:
         return None
-    return Event(id=event_id, topic=topic, type=kind, data=doc.get("data"),
-                 time=_float(doc.get("time"), arrived), source=source)
+    stamp = doc.get("time")
+    if type(stamp) is not float or not math.isfinite(stamp):
+        stamp = _float(stamp, arrived)
+    return Event(event_id, topic, kind, doc.get("data"), stamp, source)
 
 
 def _float(value: Any, default: float) -> float:

@@ -34,22 +34,35 @@ def _logger() -> Any:
 
 
 class Wakeups:
-    """One waiting acquire's wake-up handler and the signal it waits on."""
+    """One waiter's wake-up handler and the signal it waits on.
 
-    __slots__ = ("_lock", "data", "registration", "seq", "signal")
+    A lock keeps its record (and the handler's subscription) from one wait to the next
+    while the lock is contended, so that waiting again costs no SUBSCRIBE."""
+
+    __slots__ = ("_lock", "data", "named", "registration", "seq", "signal", "watched")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.signal = Signal()
         self.seq = 0
+        self.named = -1  # the last message (seq) that named ``watched`` to go now
         self.data = b""
+        self.watched = b""
         self.registration: Registration | None = None
+
+    def watch(self, token: bytes) -> None:
+        """Note messages that name ``token`` (the current waiter's) to go now."""
+        with self._lock:
+            self.watched = token
+            self.named = -1
 
     def on_message(self, _channel: str, data: bytes, _pattern: str | None) -> None:
         """Listener-thread handler: record the message and wake the waiter."""
         with self._lock:
             self.seq += 1
             self.data = data
+            if self.watched and self.watched in data.split():
+                self.named = self.seq
         self.signal.set()
 
     def poke(self) -> None:
@@ -59,10 +72,11 @@ class Wakeups:
             self.data = b""
         self.signal.set()
 
-    def snapshot(self) -> tuple[int, bytes]:
-        """(messages seen, the last message)."""
+    def snapshot(self) -> tuple[int, bytes, int]:
+        """(messages seen, the last message, the last message that named the watched
+        token)."""
         with self._lock:
-            return self.seq, self.data
+            return self.seq, self.data, self.named
 
 
 class LockRuntime:
@@ -84,9 +98,10 @@ class LockRuntime:
         self.stopping = False
         self.remove_hook: Callable[[], None] | None = None
 
-    def join(self) -> Wakeups:
-        """A wake-up record for one waiting acquire (no I/O: the plan then subscribes
-        its handler). Reconnects of the listener poke it.
+    def join(self, wakeups: Wakeups | None = None) -> Wakeups:
+        """Start a wait: a new wake-up record (no I/O: the plan then subscribes its
+        handler), or ``wakeups`` whose handler is still subscribed. Reconnects of the
+        listener poke it.
 
         Raises:
             BackendUnavailable: the Context is closed.
@@ -94,21 +109,23 @@ class LockRuntime:
         ctx = self._ctx
         if ctx.closed or self.stopping:
             raise BackendUnavailable(ctx.address, reason="the Coordinator is closed")
-        wakeups = Wakeups()
+        if wakeups is None:
+            wakeups = Wakeups()
         with self.mutex:
             if self.remove_hook is None:
                 self.remove_hook = ctx.listener.add_reconnect_hook(self._poke_all)
             self.waits.add(wakeups)
         return wakeups
 
-    def leave(self, wakeups: Wakeups, *, acquired: bool = False) -> Registration | None:
-        """End a :meth:`join`: its handler goes (no waiting for Redis). With
-        ``acquired`` the handler is returned instead, to be dropped at release."""
+    def leave(self, wakeups: Wakeups, *, keep: bool = False) -> Registration | None:
+        """End a :meth:`join`: its handler goes (no waiting for Redis). With ``keep``
+        the handler's registration is returned instead, still subscribed."""
         with self.mutex:
             self.waits.discard(wakeups)
-        registration, wakeups.registration = wakeups.registration, None
-        if acquired or registration is None:
+        registration = wakeups.registration
+        if keep or registration is None:
             return registration
+        wakeups.registration = None
         registration.close(wait=False)
         return None
 

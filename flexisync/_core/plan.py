@@ -174,23 +174,33 @@ def done(value: T) -> Plan[T]:
 
 def run(ctx: Context, plan: Plan[T]) -> T:
     """Run ``plan`` to completion with blocking I/O; its return value, or its exception."""
-    send: Any = None
-    error: BaseException | None = None
+    try:
+        step = plan.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    backend = ctx.backend
     while True:
         try:
-            step = plan.send(send) if error is None else plan.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, error = None, None
-        try:
-            send = step.run(ctx)
+            if type(step) is Call:  # the common step, without Call.run's extra frame
+                result = backend.call(step.operation, step.fn, idempotent=step.idempotent,
+                                      deadline=step.deadline, retry=step.retry)
+            else:
+                result = step.run(ctx)
         except Exception as exc:  # handed to the plan, which re-raises
-            error = exc
+            try:
+                step = plan.throw(exc)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            continue
         except BaseException:  # KeyboardInterrupt, SystemExit: undo, as for a cancel
             plan.close()
             if step.undo is not None:
                 ctx.janitor(step.undo())
             raise
+        try:
+            step = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 async def arun(ctx: Context, plan: Plan[T]) -> T:

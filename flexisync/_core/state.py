@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis.exceptions as rexc
 
@@ -31,6 +31,8 @@ __all__ = ["StateCore", "StateShell"]
 _SCAN_COUNT = 500
 _UPDATE_ATTEMPTS = 10_000
 _INT64 = 2**63
+#: Validated key names remembered per scope (the cache is emptied when full).
+_KEY_CACHE = 1024
 
 
 def _wrong_type(key: str, kind: str) -> DecodeError:
@@ -47,12 +49,6 @@ def _is_wrongtype(exc: BackendError) -> bool:
     return isinstance(cause, rexc.ResponseError) and str(cause).startswith("WRONGTYPE")
 
 
-class _Foreign(str):
-    """What :meth:`StateCore._read` returns for a key of another Redis type: its type."""
-
-    __slots__ = ()
-
-
 class StateCore:
     """The operations of one state scope, as plans; see the module docstring.
 
@@ -64,33 +60,36 @@ class StateCore:
         self.scope = scope
         self.default_ttl = ttl
         self.prefix = keys.prefix("state", scope)
+        # Redis keys of names already validated (bounded; only exact str instances).
+        self._rkeys: dict[str, str] = {}
 
     def key(self, key: object) -> str:
         """The Redis key of ``key``; ConfigError when it breaks the name rule."""
+        if type(key) is str:
+            found = self._rkeys.get(key)
+            if found is not None:
+                return found
+            rkey = self.prefix + validate_name(key, "state key")
+            if len(self._rkeys) >= _KEY_CACHE:
+                self._rkeys.clear()
+            self._rkeys[key] = rkey
+            return rkey
         return self.prefix + validate_name(key, "state key")
 
     def ttl_seconds(self, ttl: Duration | None) -> float | None:
         """``ttl`` in seconds, else the default; ConfigError when <= 0."""
-        value = optional_seconds(ttl, "ttl")
-        return self.default_ttl if value is None else value
+        if ttl is None:
+            return self.default_ttl
+        return optional_seconds(ttl, "ttl")
 
     @staticmethod
-    def decode(key: str, raw: bytes | str) -> Any:
-        """A value read by :meth:`_read`: JSON, or a :class:`_Foreign` type name."""
-        if isinstance(raw, _Foreign):
-            raise _wrong_type(key, raw)
-        return loads(raw, key)
-
-    @staticmethod
-    def _read(operation: str, rkey: str) -> Plan[Any]:
-        """GET ``rkey``; for a key of another Redis type, its type as a :class:`_Foreign`."""
-        try:
-            return (yield Call(operation, lambda c: c.get(rkey)))
-        except BackendError as exc:
-            if not _is_wrongtype(exc):
-                raise
-        kind = yield Call(operation, lambda c: c.type(rkey))
-        return _Foreign(_text(kind))
+    def _refused(operation: str, key: str, rkey: str, exc: BackendError) -> Plan[NoReturn]:
+        """After a GET of ``rkey`` failed with ``exc``: re-raise it, or, for Redis's
+        WRONGTYPE (a key of another Redis type), ask its type and raise DecodeError."""
+        if not _is_wrongtype(exc):
+            raise exc
+        kind = yield Call(operation, partial(_type, rkey))
+        raise _wrong_type(key, _text(kind)) from None
 
     # --- single values -------------------------------------------------------------
 
@@ -102,8 +101,12 @@ class StateCore:
 
     def get(self, key: str, default: Any) -> Plan[Any]:
         """The decoded value, or ``default`` when missing."""
-        raw = yield from self._read("state.get", self.key(key))
-        return default if raw is None else self.decode(key, raw)
+        rkey = self.key(key)
+        try:
+            raw = yield Call("state.get", partial(_get, rkey))
+        except BackendError as exc:
+            raw = yield from self._refused("state.get", key, rkey, exc)  # raises
+        return default if raw is None else loads(raw, key)
 
     def add(self, key: str, value: Any, ttl: Duration | None) -> Plan[bool]:
         """SET NX; whether it was stored."""
@@ -147,8 +150,11 @@ class StateCore:
         mode, ms = ("px", to_ms(seconds)) if seconds is not None else ("keep", 0)
         delay = 0.0005
         for _ in range(_UPDATE_ATTEMPTS):
-            raw = yield from self._read("state.update", rkey)
-            current = default if raw is None else self.decode(key, raw)
+            try:
+                raw = yield Call("state.update", partial(_get, rkey))
+            except BackendError as exc:
+                raw = yield from self._refused("state.update", key, rkey, exc)  # raises
+            current = default if raw is None else loads(raw, key)
             new_raw = dumps(fn(current))
             expected = ("0", "") if raw is None else ("1", raw)
             written = yield Script("state.update", "state_cas", [rkey],
@@ -169,7 +175,13 @@ class StateCore:
         if not -_INT64 <= amount < _INT64:
             raise ConfigError(f"amount must fit in 64 bits, got {amount}")
         rkey, seconds = self.key(key), self.ttl_seconds(ttl)
-        ms = str(to_ms(seconds)) if seconds is not None else ""
+        if seconds is None:  # no TTL rule to apply: INCRBY alone, errors told apart here
+            try:
+                return int((yield Call("state.incr", partial(_incrby, rkey, amount),
+                                       idempotent=False)))
+            except BackendError as exc:
+                return (yield from self._incr_refused(key, rkey, amount, exc))
+        ms = str(to_ms(seconds))
         outcome, value = yield Script("state.incr", "state_incr", [rkey], [amount, ms],
                                       idempotent=False)
         outcome = _text(outcome)
@@ -182,6 +194,25 @@ class StateCore:
                                "64-bit integer range; the value is unchanged")
         raise BackendError("state.incr", f"the value of {key!r} is not an integer "
                            "(incr needs a JSON integer within 64 bits); it is unchanged")
+
+    @staticmethod
+    def _incr_refused(key: str, rkey: str, amount: int,
+                      exc: BackendError) -> Plan[NoReturn]:
+        """After INCRBY failed with ``exc``: raise the error ``state_incr.lua`` would
+        report for the same refusal, or ``exc`` itself for any other."""
+        cause = exc.__cause__
+        text = str(cause) if isinstance(cause, rexc.ResponseError) else ""
+        if text.startswith("WRONGTYPE"):
+            kind = yield Call("state.incr", partial(_type, rkey))
+            raise _wrong_type(key, _text(kind)) from None
+        if "overflow" in text:
+            raise BackendError("state.incr", f"adding {amount} to {key!r} would leave "
+                               "the 64-bit integer range; the value is unchanged") from None
+        if "not an integer" in text:
+            raise BackendError("state.incr", f"the value of {key!r} is not an integer "
+                               "(incr needs a JSON integer within 64 bits); it is "
+                               "unchanged") from None
+        raise exc
 
     # --- the whole scope ---------------------------------------------------------------
 
@@ -251,6 +282,18 @@ class StateShell:
 
 # Redis work for Call steps, bound with functools.partial (each returns the client's
 # reply, which the asyncio shell awaits).
+
+
+def _get(key: str, client: Any) -> Any:
+    return client.get(key)
+
+
+def _type(key: str, client: Any) -> Any:
+    return client.type(key)
+
+
+def _incrby(key: str, amount: int, client: Any) -> Any:
+    return client.incrby(key, amount)
 
 
 def _scan_page(cursor: Any, pattern: str, client: Any) -> Any:

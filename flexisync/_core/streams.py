@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from flexisync._codec import dumps, loads
-from flexisync._core.events import Event, _ids
+from flexisync._core.events import Event, _ids, _type_seen
 from flexisync._core.plan import Call, Plan, Script
 from flexisync._core.tally import tally_of
 from flexisync._durations import Duration, optional_seconds, to_ms
@@ -130,6 +130,17 @@ def decode_event(name: str, entry_id: Any, raw_fields: Any) -> Event:
             data is not JSON (or too deep) or the type breaks the name rule; its
             ``key`` is ``"<stream>#<entry id>"``.
     """
+    if type(raw_fields) is list and raw_fields and type(raw_fields[0]) is bytes:
+        # The common case (a script's flat list of bytes): pair it up in C and look the
+        # fields up by their bytes (only b"data" decodes to "data", replacement or not).
+        items = iter(raw_fields)
+        raw = dict(zip(items, items, strict=False))
+        data, kind = raw.get(b"data"), raw.get(b"type")
+        if data is not None and kind is not None:
+            event_id = entry_id.decode("utf-8", "replace") if type(entry_id) is bytes \
+                else text(entry_id)
+            return _flexisync_event(name, event_id, data, kind, stamp=raw.get(b"time"),
+                                    source=raw.get(b"source"))
     event_id = text(entry_id)
     if isinstance(raw_fields, dict):
         fields = {text(k): v for k, v in raw_fields.items()}
@@ -137,26 +148,44 @@ def decode_event(name: str, entry_id: Any, raw_fields: Any) -> Event:
         items = iter(raw_fields)
         fields = {text(k): v for k, v in zip(items, items, strict=False)}
     data, kind = fields.get("data"), fields.get("type")
-    stamp_of_id = int(event_id.split("-", 1)[0]) / 1000
     if data is None or kind is None:
         # An entry some other program added: hand over its fields as they are.
         return Event(id=event_id, topic=name, type="message",
-                     data={k: text(v) for k, v in fields.items()}, time=stamp_of_id,
-                     source="")
-    what = f"{name}#{event_id}"
-    value = loads(data, what)
-    kind_text = text(kind)
+                     data={k: text(v) for k, v in fields.items()},
+                     time=_stamp_of(event_id), source="")
+    return _flexisync_event(name, event_id, data, kind, stamp=fields.get("time"),
+                            source=fields.get("source"))
+
+
+def _stamp_of(event_id: str) -> float:
+    """The epoch seconds an entry id carries (its milliseconds part)."""
+    return int(event_id.split("-", 1)[0]) / 1000
+
+
+def _flexisync_event(name: str, event_id: str, data: Any, kind: Any, *, stamp: Any,
+                     source: Any) -> Event:
+    """The :class:`Event` of an entry with flexisync's fields (DecodeError: see
+    :func:`decode_event`)."""
     try:
-        validate_name(kind_text, "event type")
+        value = loads(data, name)
+    except DecodeError as exc:  # named after the entry (built only when needed)
+        raise DecodeError(f"{name}#{event_id}", exc.reason) from None
+    kind_text = kind.decode("utf-8", "replace") if type(kind) is bytes else text(kind)
+    try:
+        _type_seen.get(kind_text)  # validate_name, remembered
     except ConfigError as exc:  # it becomes an SSE "event:" line: no newlines
-        raise DecodeError(what, str(exc)) from None
-    stamp, source = fields.get("time"), fields.get("source")
+        raise DecodeError(f"{name}#{event_id}", str(exc)) from None
     try:
-        when = float(stamp) if stamp is not None else stamp_of_id
+        when = float(stamp) if stamp is not None else _stamp_of(event_id)
     except ValueError:
-        when = stamp_of_id
-    return Event(id=event_id, topic=name, type=kind_text, data=value, time=when,
-                 source=text(source) if source is not None else "")
+        when = _stamp_of(event_id)
+    if source is None:
+        source = ""
+    elif type(source) is bytes:
+        source = source.decode("utf-8", "replace")
+    else:
+        source = text(source)
+    return Event(event_id, name, kind_text, value, when, source)
 
 
 def decode_item(name: str, entry_id: Any, raw_fields: Any) -> Event | DecodeError:

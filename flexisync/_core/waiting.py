@@ -3,16 +3,23 @@
 A waiter registers a wake-up handler for its primitive's channel on the process's one
 listener (a ``Subscribe`` step, confirmed by Redis) *before* its final attempt, then
 sleeps on a :class:`~flexisync._core.plan.Signal` that the release's ``PUBLISH`` sets.
-It re-attempts when woken, when the current holder's lease has run out (a crashed
-holder publishes nothing: the attempt says how long that lease has left), after the
-listener reconnects (the runtime pokes every waiter), and at least every ``refresh``
-seconds (which also keeps a queue entry alive). A release may name the waiters that may
-go now (its message: space-separated tokens); a waiter woken by exactly that message
-and not named sleeps on until its next re-check.
+A lock may hand in a handler still subscribed from its previous wait (``reuse``): then
+the attempt made before the wait already ran under the subscription, and no
+SUBSCRIBE/UNSUBSCRIBE is sent. It re-attempts when woken, when the current holder's
+lease has run out (a crashed holder publishes nothing: the attempt says how long that
+lease has left), after the listener reconnects (the runtime pokes every waiter), and at
+least every ``refresh`` seconds (which also keeps a queue entry alive).
+
+A release may name the waiters that may go now (its message: space-separated tokens);
+a waiter woken by exactly that message and not named sleeps on until its next
+re-check. A token written ``~token`` names a backup: it tries after ``backup_delay``
+seconds unless another wake-up comes first (a release naming a waiter that died stalls
+the lock that long, not until the re-check). An empty message wakes everybody.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -25,9 +32,8 @@ from flexisync.errors import BackendUnavailable
 if TYPE_CHECKING:
     from flexisync._core.context import Context
     from flexisync._core.lock_runtime import LockRuntime, Wakeups
-    from flexisync._listener import Registration
 
-__all__ = ["wait_for_turn"]
+__all__ = ["owner_token", "wait_for_turn"]
 
 
 _HOST = socket.gethostname()
@@ -43,7 +49,10 @@ def wait_for_turn(ctx: Context, rt: LockRuntime, channel: str, token: str, *,
                   deadline: float | None, refresh: float,
                   attempt: Callable[[], Plan[tuple[bool, int]]],
                   leave: Callable[[bool], Plan[None]] | None = None,
-                  keep: Callable[[Registration], None] | None = None) -> Plan[bool]:
+                  keep: Callable[[Wakeups], None] | None = None,
+                  reuse: tuple[Wakeups, int, int] | None = None,
+                  on_turn: Callable[[str], None] = lambda _why: None,
+                  backup_delay: float = math.inf) -> Plan[bool]:
     """Wait, re-attempting, until ``attempt`` succeeds (True) or ``deadline`` (False).
 
     Args:
@@ -57,54 +66,59 @@ def wait_for_turn(ctx: Context, rt: LockRuntime, channel: str, token: str, *,
         leave: ``leave(background)`` gives up the waiter's place (its queue entry) when
             the wait ends without the turn; with ``background`` it is run on the
             janitor (the task was cancelled). ``None``: nothing to give up.
-        keep: given the wake-up registration when the turn was taken, to keep it until
-            the release (else it is dropped at once).
+        keep: given the wake-up record when the turn was taken, its handler still
+            subscribed, to keep it (else the handler is dropped at once).
+        reuse: ``(wakeups, seen, pttl)``: a wake-up record whose handler is still
+            subscribed, the message count it had before the attempt just made, and
+            that attempt's ``pttl``. ``None``: subscribe now and attempt again.
+        on_turn: told why each attempt is made, right before it: ``"named"`` (a
+            release named this waiter), ``"backup"``, ``"woken"`` (a wake-up for
+            everybody, a reconnect), ``"recheck"`` (the periodic re-check or the
+            holder's lease ran out) or ``"subscribed"`` (the attempt after subscribing).
+        backup_delay: seconds a waiter named as a backup waits for another wake-up
+            before it tries (``inf``: backups are treated as not named).
 
     Raises:
         BackendUnavailable: the Context closed, or the subscription failed before the
             deadline.
     """
-    try:
-        wakeups = rt.join()
-    except BackendUnavailable:
-        yield from _give_up(leave)
-        raise
-    mine = token.encode()
+    wakeups = yield from _join(rt, token, reuse, leave)
     acquired = attempting = False
     try:
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-        try:
-            wakeups.registration = yield Subscribe("channel", channel, wakeups.on_message,
-                                                   timeout)
-        except BackendUnavailable:
-            yield from _give_up(leave)
-            if deadline is not None and time.monotonic() >= deadline:
+        if reuse is None:
+            if not (yield from _subscribe(wakeups, channel, deadline, leave)):
                 return False  # the wait ran out while subscribing: a plain timeout
-            raise
-        retry, recheck = True, 0.0
+            retry, why, seen, recheck = True, "subscribed", 0, 0.0
+        else:
+            _, seen, pttl = reuse
+            retry, why = False, ""
+            recheck = time.monotonic() + _sleep_for(refresh, pttl)
+        backup_at = math.inf
         while True:
-            seen = wakeups.snapshot()[0]
             if retry and not rt.stopping:
+                seen = wakeups.snapshot()[0]
+                on_turn(why)
                 attempting = True
                 acquired, pttl = yield from attempt()
                 attempting = False
                 if acquired:
                     return True
-                sleep = refresh if pttl <= 0 else min(refresh, pttl / 1000 + 0.001)
-                recheck = time.monotonic() + sleep
+                recheck = time.monotonic() + _sleep_for(refresh, pttl)
+                backup_at = math.inf
+            limit = min(recheck, backup_at)
             yield from _sleep(rt, wakeups, seen,
-                              recheck if deadline is None else min(recheck, deadline))
-            seq, data = wakeups.snapshot()
-            woke = seq != seen
-            # The release named the waiters that may go now, and not this one.
-            named_other = seq == seen + 1 and data != b"" and mine not in data.split()
+                              limit if deadline is None else min(limit, deadline))
+            snap = wakeups.snapshot()
             now = time.monotonic()
             if rt.stopping:
                 raise BackendUnavailable(ctx.address, reason="the Coordinator was closed")
-            if not woke and deadline is not None and now >= deadline:
+            if snap[0] == seen and deadline is not None and now >= deadline:
                 yield from _give_up(leave)
                 return False
-            retry = not (woke and named_other and now < recheck)
+            why, backup_at = _why_wake(snap, wakeups.watched, seen, now=now,
+                                       recheck=recheck, backup_at=backup_at,
+                                       backup_delay=backup_delay)
+            retry, seen = why != "", snap[0]
     except GeneratorExit:
         # Cancelled (asyncio) or dropped: an attempt in flight is undone by its own
         # step; otherwise give up the place in the background.
@@ -112,9 +126,60 @@ def wait_for_turn(ctx: Context, rt: LockRuntime, channel: str, token: str, *,
             ctx.janitor(leave(True))
         raise
     finally:
-        parked = rt.leave(wakeups, acquired=acquired and keep is not None)
-        if parked is not None and keep is not None:
-            keep(parked)
+        if rt.leave(wakeups, keep=acquired and keep is not None) is not None:
+            keep(wakeups)  # type: ignore[misc]  # (keep is set: leave() kept it)
+
+
+def _why_wake(snapshot: tuple[int, bytes, int], watched: bytes, seen: int, *, now: float,
+              recheck: float, backup_at: float, backup_delay: float) -> tuple[str, float]:
+    """After a sleep that began at message ``seen``: why to attempt now (``""``: sleep
+    on), and when a backup's turn comes."""
+    seq, data, named = snapshot
+    if seq == seen:  # no wake-up: a timer ran out (or a spurious wake)
+        if now >= recheck:
+            return "recheck", backup_at
+        return ("backup" if now >= backup_at else ""), backup_at
+    if named > seen:
+        return "named", math.inf
+    if seq == seen + 1 and data != b"":
+        # One release that named others: sleep on (a backup: for a while).
+        backup = b"~" + watched in data.split() and backup_delay < math.inf
+        return ("recheck" if now >= recheck else ""), \
+            now + backup_delay if backup else math.inf
+    return "woken", math.inf
+
+
+def _join(rt: LockRuntime, token: str, reuse: tuple[Wakeups, int, int] | None,
+          leave: Callable[[bool], Plan[None]] | None) -> Plan[Wakeups]:
+    """Start the wait: a new wake-up record watching ``token``, or the reused one
+    (which watches it since before its attempt)."""
+    try:
+        wakeups = rt.join() if reuse is None else rt.join(reuse[0])
+    except BackendUnavailable:
+        yield from _give_up(leave)
+        raise
+    if reuse is None:
+        wakeups.watch(token.encode())
+    return wakeups
+
+
+def _subscribe(wakeups: Wakeups, channel: str, deadline: float | None,
+               leave: Callable[[bool], Plan[None]] | None) -> Plan[bool]:
+    """Subscribe the waiter's handler; False when the deadline passed meanwhile."""
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+    try:
+        wakeups.registration = yield Subscribe("channel", channel, wakeups.on_message,
+                                               timeout)
+    except BackendUnavailable:
+        yield from _give_up(leave)
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        raise
+    return True
+
+
+def _sleep_for(refresh: float, pttl: int) -> float:
+    return refresh if pttl <= 0 else min(refresh, pttl / 1000 + 0.001)
 
 
 def _give_up(leave: Callable[[bool], Plan[None]] | None) -> Plan[None]:

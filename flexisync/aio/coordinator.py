@@ -24,7 +24,8 @@ __all__ = ["AsyncCoordinator", "connect"]
 
 def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any = None,
             retry: RetryPolicy | None = None, **redis_options: Any) -> AsyncCoordinator:
-    """Create an :class:`AsyncCoordinator`; the arguments of :func:`flexisync.connect`.
+    """Create an :class:`AsyncCoordinator`; the arguments of :func:`flexisync.connect`
+    but ``callback_threads`` (asyncio callbacks run as tasks on their event loop).
 
     Opens nothing (no socket, no thread) until the first operation, so it may run at
     import time or outside any event loop. ``client`` may be a ``redis.Redis`` or a

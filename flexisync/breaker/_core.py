@@ -307,6 +307,9 @@ class BreakerCore(Mirror):
         except FlexiSyncError as exc:
             self._go_down(exc)
             self._local.record(False, "fail", retry_after)
+        finally:
+            with self._flush_lock:
+                self._reporting -= 1
 
     def _settle_probe(self, token: str, outcome: str, retry_after: float | None,
                       ) -> Plan[None]:
@@ -339,6 +342,7 @@ class BreakerCore(Mirror):
                 yield Wait(self._flush_idle, max(0.0, bound - time.monotonic()))
             with self._flush_lock:
                 if self._flush_idle.is_set() or time.monotonic() >= bound:
+                    self._reporting += 1  # until _record_failure's report is done
                     return self._take_successes()
 
     # --- manual control ---------------------------------------------------------------

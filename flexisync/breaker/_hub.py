@@ -4,9 +4,20 @@ One named daemon thread per Context (``flexisync-breakers``), started on the fir
 breaker use, stopped when the Context closes and rebuilt lazily after ``fork()``:
 
 * runs ``on_state_change`` callbacks, in order, off the listener thread;
-* every 100 ms flushes the successes each breaker aggregated on its hot path;
-* re-reads each breaker's shared state every ``refresh_interval`` seconds, and at once
-  when the listener lost its connection, so a missed message is repaired;
+* every 100 ms flushes the successes each breaker aggregated on its hot path, for the
+  breakers where a success can matter (failure-rate breakers, and consecutive-failure
+  breakers while failures are pending), and lets breakers cut off from Redis check
+  whether they may rejoin: the breakers with such work are in an active set
+  (:meth:`Hub.activate`), so a tick costs nothing per idle breaker;
+* refreshes every breaker's mirror at least every ``refresh_interval`` seconds, and at
+  once when the listener lost its connection, so a missed message is repaired: one
+  ``breaker_versions.lua`` call returns where the records of up to
+  :data:`VERSIONS_CHUNK` breakers stand, and only the mirrors whose record moved (or
+  holds foreign data) read it in full. So an idle process sends one script call per
+  refresh for up to 500 breakers (its Redis cost is one HMGET per breaker); on a
+  Cluster one per hash slot (breakers' keys are spread over the slots: about one per
+  breaker). Mirrors whose refresh is due within half their interval join the batch,
+  so mirrors of one ``refresh_interval`` settle into one batch per interval;
 * while Redis is unreachable, checks every half second, with one PING for all the
   Coordinator's breakers, whether it is back, and then lets the breakers reconcile;
 * about every second, adds the calls each breaker saw since the last time to the
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import mmap
 import os
 import queue
@@ -46,11 +58,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from redis.crc import key_slot
+
 from flexisync._connection import RetryPolicy
 from flexisync._core.plan import Plan, Script, run
 from flexisync._core.tally import tally_of
 from flexisync._log import get_logger
-from flexisync.errors import BackendError, BackendUnavailable
+from flexisync.errors import BackendError, BackendUnavailable, FlexiSyncError
 
 if TYPE_CHECKING:
     from flexisync._core.context import Context
@@ -58,8 +72,9 @@ if TYPE_CHECKING:
     from flexisync.breaker._core import BreakerCore
 
 __all__ = ["FLUSH_INTERVAL", "FORK_MARK", "OUTCOMES", "RECENT", "RECHECK_INTERVAL",
-           "STATS_BUCKET", "STATS_INTERVAL", "STATS_TTL", "Hub", "MalformedRecord",
-           "detect_fork", "hub_of", "stats_key"]
+           "STATS_BUCKET", "STATS_INTERVAL", "STATS_TTL", "VERSIONS_CHUNK", "Hub",
+           "MalformedRecord", "detect_fork", "decode_versions", "hub_of",
+           "refresh_groups", "stats_key"]
 
 FLUSH_INTERVAL = 0.1  # seconds between flushes of aggregated successes
 #: Seconds between two writes of a process's call outcomes to the fleet stats.
@@ -73,6 +88,8 @@ STATS_MAX_FIELDS = 600
 #: The outcomes of a protected call, in the order of ``Mirror.outcome_totals()``.
 OUTCOMES = ("success", "failure", "rejected", "ignored", "probe")
 RECHECK_INTERVAL = 0.5  # seconds between checks whether Redis is back
+#: Most record keys in one ``breaker_versions`` call (one EVALSHA).
+VERSIONS_CHUNK = 500
 RECENT = 128  # breakers kept alive after their last user dropped them (cheap re-asks)
 _MADV_WIPEONFORK = 18  # Linux >= 4.14; Python's mmap module does not name it
 MALFORMED = "FLEXISYNC_MALFORMED"
@@ -185,6 +202,49 @@ def _trim_stats(key: str, cut: int, client: Any) -> int:
     return int(client.hdel(key, *stale)) if stale else 0
 
 
+def refresh_groups(keys: Sequence[str], *, cluster: bool,
+                   chunk: int = VERSIONS_CHUNK) -> list[list[int]]:
+    """How to split a refresh of the records ``keys`` into ``breaker_versions`` calls:
+    lists of indexes into ``keys``, at most ``chunk`` each, in order. On a Cluster
+    (``cluster=True``) each list holds keys of one hash slot only (a script's keys
+    must share one), so there are at least as many calls as distinct slots."""
+    if not cluster:
+        return [list(range(start, min(start + chunk, len(keys))))
+                for start in range(0, len(keys), chunk)]
+    by_slot: dict[int, list[int]] = {}
+    for index, key in enumerate(keys):
+        by_slot.setdefault(key_slot(key.encode()), []).append(index)
+    return [indexes[start:start + chunk] for indexes in by_slot.values()
+            for start in range(0, len(indexes), chunk)]
+
+
+def decode_versions(reply: Any, count: int) -> list[tuple[str, int] | None]:
+    """A ``breaker_versions`` reply for ``count`` keys: per key ``(epoch, version)``,
+    or None where the record must be read in full (foreign data).
+
+    Raises:
+        MalformedRecord: the reply is not one the script writes (wrong length,
+            unreadable item).
+    """
+    from flexisync.breaker._mirror import integer, text  # noqa: PLC0415 (import cycle)
+
+    if not isinstance(reply, (list, tuple)) or len(reply) != 2 * count:
+        raise MalformedRecord("breaker.versions", "unreadable reply (wrong shape)")
+    found: list[tuple[str, int] | None] = []
+    try:
+        for i in range(0, 2 * count, 2):
+            epoch, version = text(reply[i]), integer(reply[i + 1])
+            if version < 0:
+                found.append(None)
+                continue
+            if len(epoch) > 64 or " " in epoch:
+                raise ValueError("bad epoch")
+            found.append((epoch, version))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise MalformedRecord("breaker.versions", f"unreadable reply ({exc})") from None
+    return found
+
+
 def hub_of(owner: Any) -> Hub:
     """The one :class:`Hub` of a Context, or of a (sync or asyncio) Coordinator's
     Context (built on first use)."""
@@ -228,6 +288,15 @@ class Hub:
 
     def _reset_runtime(self) -> None:
         self._lock = threading.Lock()
+        # The batch refresh runs when the monotonic clock reaches _refresh_at: the
+        # earliest ``_refresh_due`` of any mirror (each mirror lowers it through
+        # refresh_by when it wants a refresh sooner).
+        self._refresh_lock = threading.Lock()
+        self._refresh_at = math.inf
+        # The breakers the 100 ms tick visits (Mirror._wants_tick): weakly held, so
+        # that a failure-rate breaker nobody uses is still collected.
+        self._active_lock = threading.Lock()
+        self._active: weakref.WeakSet[BreakerCore] = weakref.WeakSet()
         self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = \
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -351,6 +420,19 @@ class Hub:
                     self._on_reconnect)
             self._ensure_thread()
 
+    def activate(self, breaker: BreakerCore) -> None:
+        """Have the 100 ms tick visit ``breaker`` until its ``_wants_tick()`` turns
+        False (checked by the hub after a tick, under the same lock, so a breaker
+        that turns active again meanwhile is not dropped). Any thread."""
+        with self._active_lock:
+            self._active.add(breaker)
+
+    def refresh_by(self, at: float) -> None:
+        """Run the batch refresh no later than ``at`` (monotonic seconds; rounded up to
+        the next 100 ms tick). Any thread; takes no other lock."""
+        with self._refresh_lock:
+            self._refresh_at = min(self._refresh_at, at)
+
     def notify(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on the hub thread, soon (callbacks, deferred releases)."""
         self._queue.put((fn, args))
@@ -396,9 +478,16 @@ class Hub:
 
     def _on_reconnect(self) -> None:
         # On the listener thread: only mark; the hub thread does the reads.
-        for breaker in list(self._breakers):
-            breaker._refresh_due = 0.0
+        self._refresh_all_now()
         self._queue.put((_noop, ()))
+
+    def _refresh_all_now(self) -> None:
+        """Make every mirror's refresh due now (a message may have been missed)."""
+        with self._lock:  # register() adds under it: no change while listing
+            breakers = list(self._breakers)
+        for breaker in breakers:
+            breaker._refresh_due = 0.0
+        self.refresh_by(0.0)
 
     # --- the loop -------------------------------------------------------------------
 
@@ -535,11 +624,80 @@ class Hub:
     def _tick_all(self, now: float, *, lost: bool) -> None:
         # A method of its own: the loop's references end with it, so a breaker nobody
         # else holds is not kept alive by this thread until the next tick.
-        for breaker in list(self._breakers):
+        if lost:
+            self._refresh_all_now()
+        if self._active:
+            with self._active_lock:
+                active = list(self._active)
+            for breaker in active:
+                try:
+                    breaker._tick(now)
+                except Exception:
+                    self._log.exception("breaker.tick_failed", breaker=breaker.name)
+            with self._active_lock:
+                for breaker in active:
+                    if not breaker._wants_tick():
+                        self._active.discard(breaker)
+            del active
+        if now >= self._refresh_at:
             try:
-                breaker._tick(now, check_now=lost)
+                self._refresh(now)
             except Exception:
-                self._log.exception("breaker.tick_failed", breaker=breaker.name)
+                self._log.exception("breaker.refresh_failed")
+                self.refresh_by(now + 1.0)  # a bug must not end the refreshes
+
+    # --- the batch refresh ------------------------------------------------------------
+
+    def _refresh(self, now: float) -> None:
+        """Refresh every mirror whose refresh is due within half its interval: one
+        ``breaker_versions`` call per group of :func:`refresh_groups`, then a full
+        read for each mirror whose record moved. Plans the next batch."""
+        with self._refresh_lock:
+            self._refresh_at = math.inf
+        due: list[BreakerCore] = []
+        next_at = math.inf
+        with self._lock:
+            breakers = list(self._breakers)
+        for breaker in breakers:
+            if breaker._down or not breaker._ready:
+                continue  # prepare_plan and _recover plan their own next refresh
+            interval = breaker.policy.refresh_interval
+            if breaker._refresh_due <= now + interval / 2:
+                breaker._refresh_due = now + interval
+                due.append(breaker)
+            next_at = min(next_at, breaker._refresh_due)
+        self.refresh_by(next_at)
+        if due:
+            self.refresh_mirrors(due)
+
+    def refresh_mirrors(self, mirrors: Sequence[BreakerCore]) -> None:
+        """Bring ``mirrors`` up to date with blocking I/O (the hub thread): one
+        ``breaker_versions`` call per group, then ``read_plan`` for those whose
+        (epoch, version) differs from the one mirrored or whose record holds foreign
+        data (it repairs or reports as a read does). Never raises a FlexiSyncError:
+        Redis unreachable puts the mirrors not yet refreshed on their
+        ``on_backend_error`` fallback (as their own read would have); any other
+        failure of a group's call falls back to one full read per mirror of it."""
+        keys = [mirror._keys[0] for mirror in mirrors]
+        groups = refresh_groups(keys, cluster=self._backend.is_cluster)
+        for position, group in enumerate(groups):
+            members = [mirrors[i] for i in group]
+            try:
+                reply = self.run("versions", [keys[i] for i in group], [])
+                found = decode_versions(reply, len(group))
+            except BackendUnavailable as exc:
+                # The hub is marked down now: every later group would fail at once.
+                for rest in groups[position:]:
+                    for i in rest:
+                        mirrors[i]._go_down(exc)
+                return
+            except FlexiSyncError as exc:
+                self._log.warning("breaker.versions_failed", breakers=len(members),
+                                  error=f"{type(exc).__name__}: {exc}")
+                found = [None] * len(members)
+            for mirror, seen in zip(members, found, strict=True):
+                if seen is None or not mirror._matches(*seen):
+                    mirror.refresh()
 
 
 def _add(table: dict[str, list[int]], name: str, row: list[int]) -> None:

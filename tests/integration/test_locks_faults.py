@@ -23,22 +23,27 @@ from tests.faults import FaultProxy
 
 
 class _LostReply:
-    """A registered script that runs on the server, then loses its reply.
+    """``EVALSHA`` of one script that runs on the server, then loses its reply.
 
-    The first ``lose`` calls run the real script, call ``between`` (what happens on the
-    server while the client waits), and raise ``ConnectionError``; later calls pass.
+    Stands in for the backend client's ``evalsha`` (other scripts pass through). The
+    first ``lose`` calls of the script run it for real, call ``between`` (what happens
+    on the server while the client waits) and raise ``ConnectionError``; later calls
+    pass.
     """
 
-    def __init__(self, real: Any, lose: int, between: Callable[[], Any] = lambda: None,
-                 ) -> None:
+    def __init__(self, real: Any, sha: str, lose: int,
+                 between: Callable[[], Any] = lambda: None) -> None:
         self.real = real
+        self.sha = sha
         self.lose = lose
         self.between = between
         self.calls = 0
 
-    def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+    def __call__(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha != self.sha:
+            return self.real(sha, numkeys, *keys_and_args)
         self.calls += 1
-        result = self.real(keys=keys, args=args, client=client)
+        result = self.real(sha, numkeys, *keys_and_args)
         if self.calls <= self.lose:
             self.between()
             raise rexc.ConnectionError("connection lost after the request was sent")
@@ -48,15 +53,17 @@ class _LostReply:
 def _lose_replies(sync: flexisync.Coordinator, script: str, lose: int,
                   between: Callable[[], Any] = lambda: None) -> _LostReply:
     backend = sync._ctx.backend
-    fake = _LostReply(backend.script(script), lose, between)
-    backend._scripts[script] = fake
+    client = backend.client
+    registered = backend.script(script)
+    if not registered.sha:  # loaded lazily: make sure the hash is the one sent
+        registered.sha = client.script_load(registered.script)
+    fake = _LostReply(client.evalsha, registered.sha, lose, between)
+    client.evalsha = fake  # an instance attribute shadows the method
     return fake
 
 
 def _restore(sync: flexisync.Coordinator, script: str) -> None:
-    backend = sync._ctx.backend
-    fake = backend._scripts[script]
-    backend._scripts[script] = fake.real
+    del sync._ctx.backend.client.evalsha
 
 
 _FAST = flexisync.RetryPolicy(attempts=3, initial=0.01, maximum=0.05, deadline=0.5)

@@ -56,7 +56,7 @@ def _sync_workload(url: str) -> None:
     with flexisync.connect(url, namespace="slots") as sync:
         store = sync.state("scope")
         store.set("a", 1)
-        store.incr("n", 2)
+        store.incr("n", 2, ttl=60)
         store.update("a", lambda v: (v or 0) + 1)
         for fair in (False, True):
             lock = sync.lock(f"job-{fair}", ttl=5, fair=fair)
@@ -94,7 +94,7 @@ async def _async_workload(url: str) -> None:
     try:
         store = coordinator.state("scope")
         await store.set("a", 1)
-        await store.incr("n")
+        await store.incr("n", ttl=60)
         async with coordinator.lock("ajob", ttl=5):
             pass
         sem = coordinator.semaphore("apool", 2, lease=5)
@@ -121,6 +121,10 @@ def test_every_script_call_stays_in_one_slot(monkeypatch: pytest.MonkeyPatch) ->
     for name, keys, args in calls:
         assert keys, f"{name} was run without KEYS (a cluster could not route it)"
         slots = {_slot(k) for k in keys}
+        if name == "breaker_versions":
+            # The batch refresh: one call for many breakers off a Cluster; on a Cluster
+            # one call per slot (tests/unit/test_breaker_refresh_groups.py).
+            continue
         assert len(slots) == 1, f"{name} touches keys in {len(slots)} slots: {keys}"
         for arg in args:
             if isinstance(arg, str) and arg.startswith("slots:") and "{" in arg:
