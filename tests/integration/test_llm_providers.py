@@ -351,7 +351,7 @@ def _semaphore_worker(url: str, namespace: str, name: str, base_url: str, *,
     sync = flexisync.connect(url, namespace=namespace)
     client = openai.OpenAI(base_url=base_url, api_key="sk-fake", max_retries=0, timeout=30.0)
     semaphore = sync.semaphore(name, 3, lease=30.0)
-    start.wait()
+    start.wait(60)  # a Barrier: every worker is connected and ready before any starts
     for _ in range(calls):
         with semaphore:
             client.chat.completions.create(model="gpt-fake", messages=PROMPT)
@@ -370,16 +370,18 @@ def _semaphore_landed() -> bool:
 @pytest.mark.skipif(not _semaphore_landed(), reason="sync.semaphore is not in this tree yet")
 def test_semaphore_caps_concurrency_at_the_provider_across_8_processes(
         flexisync_url: str, namespace: str, provider: FakeProvider) -> None:
-    provider.script(default=ok(delay=0.1))
+    # All 8 workers start together (a Barrier, after connecting: spawn start-up on a
+    # loaded machine is staggered by seconds) and each call lasts long enough that 3
+    # holders' requests overlap at the provider.
+    provider.script(default=ok(delay=0.3))
     name = f"provider-{uuid.uuid4().hex[:6]}"
     mp = multiprocessing.get_context("spawn")
-    start = mp.Event()
+    start = mp.Barrier(8)
     workers = [mp.Process(target=_semaphore_worker,
                           args=(flexisync_url, namespace, name, provider.openai_base),
                           kwargs={"calls": 4, "start": start}) for _ in range(8)]
     for worker in workers:
         worker.start()
-    start.set()
     for worker in workers:
         worker.join(120)
         assert worker.exitcode == 0
