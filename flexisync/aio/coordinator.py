@@ -9,6 +9,7 @@ from flexisync._connection import RetryPolicy
 from flexisync._core.context import Context
 from flexisync._durations import Duration
 from flexisync.coordinator import open_context
+from flexisync.errors import ConfigError
 
 if TYPE_CHECKING:
     from flexisync.aio.breaker import AsyncCircuitBreaker
@@ -34,8 +35,11 @@ def connect(url: str | None = None, *, namespace: str = "flexisync", client: Any
     with every Coordinator (sync or asyncio) of the same URL, options and namespace.
 
     Raises:
-        ConfigError: as :func:`flexisync.connect`.
+        ConfigError: as :func:`flexisync.connect`, and for ``callback_threads``.
     """
+    if "callback_threads" in redis_options:
+        raise ConfigError("callback_threads is not an option of flexisync.aio.connect: "
+                          "asyncio callbacks run as tasks on their event loop, no thread")
     return AsyncCoordinator(open_context(url, namespace=namespace, client=client,
                                          retry=retry, redis_options=redis_options))
 

@@ -378,6 +378,15 @@ def test_connect_rejects_bad_callback_threads(flexisync_url: str, namespace: str
     assert isinstance(info.value, ValueError)
 
 
+def test_aio_connect_refuses_callback_threads(flexisync_url: str, namespace: str) -> None:
+    """The asyncio shell runs callbacks as tasks: callback_threads is refused with a
+    ConfigError that says why (not as an unknown redis option)."""
+    import flexisync.aio
+
+    with pytest.raises(flexisync.ConfigError, match="asyncio callbacks run as tasks"):
+        flexisync.aio.connect(flexisync_url, namespace=namespace, callback_threads=2)
+
+
 def test_coordinators_sharing_a_connection_share_the_largest_pool(
         flexisync_url: str, namespace: str) -> None:
     """Two Coordinators of one URL and namespace share one pool sized by the largest
